@@ -1,0 +1,1 @@
+"""Packaged Hydra configs (installed as dpft.cfg)."""

@@ -1,0 +1,253 @@
+"""Typed config schemas and Hydra composition.
+
+Every command's config is a dataclass here (the schema) and YAML under ``cfg/`` (the defaults users read
+and compose). :func:`compose` builds the config from ``cfg/<command>.yaml`` plus Hydra overrides, merges
+it into the schema (unknown keys and wrong types are errors) and runs the schema's ``validate``.
+
+Dataclasses use ``typing.Optional``/``List`` because OmegaConf evaluates annotations and dpft must run on
+Python 3.8 beside Isaac Gym.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional
+
+from dpft.errors import DpftError
+
+ROBOMIMIC_LOW_DIM_KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
+POLICY_NAMES = ("diffusion_mlp", "diffusion_unet", "gaussian_mlp")
+
+
+def _f(default: Any = None, help: str = "", factory=None):
+    """A dataclass field carrying its help text (shown by ``dpft <command> --help``)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PolicyConfig:
+    """Policy network and (for diffusion) the noise schedule. Fields not used by ``name`` are ignored."""
+
+    name: str = _f("diffusion_mlp", "diffusion_mlp | diffusion_unet | gaussian_mlp")
+    # diffusion
+    denoising_steps: int = _f(20, "diffusion steps K the denoiser is trained with")
+    use_ddim: bool = _f(False, "sample with DDIM instead of DDPM")
+    ddim_steps: Optional[int] = _f(None, "DDIM sampling steps (required when use_ddim)")
+    ddim_eta: float = _f(0.0, "DDIM eta when sampling stochastically (0 = deterministic DDIM)")
+    min_sampling_denoising_std: float = _f(0.1, "floor on the per-step std when sampling stochastically")
+    min_logprob_denoising_std: float = _f(0.1, "floor on the per-step std in log-probabilities (RL)")
+    randn_clip_value: float = _f(10.0, "clip on the Gaussian noise drawn while sampling")
+    denoised_clip_value: float = _f(1.0, "clip on the predicted x0")
+    # MLP denoiser / Gaussian MLP
+    mlp_dims: List[int] = _f(help="hidden layer widths of the MLP", factory=lambda: [512, 512, 512])
+    residual_style: bool = _f(True, "residual MLP blocks (DPPO style)")
+    layer_norm: bool = _f(False, "LayerNorm in the MLP blocks")
+    activation: str = _f("mish", "mish | relu | gelu | elu | silu")
+    time_dim: int = _f(16, "sinusoidal diffusion-time embedding size (MLP denoiser)")
+    cond_mlp_dims: Optional[List[int]] = _f(None, "optional MLP on the flattened observation before the denoiser")
+    # UNet denoiser
+    down_dims: List[int] = _f(help="UNet channel widths per level", factory=lambda: [64, 128])
+    kernel_size: int = _f(5, "UNet conv kernel size")
+    n_groups: int = _f(8, "UNet GroupNorm groups")
+    diffusion_step_embed_dim: int = _f(64, "UNet time embedding size")
+    cond_predict_scale: bool = _f(True, "UNet FiLM predicts scale and bias (else bias only)")
+    # pixels
+    image_feature_dim: int = _f(64, "feature size of each camera's CNN encoder")
+    random_shift_pad: int = _f(4, "random-shift augmentation padding in pixels (0 = off)")
+    # Gaussian
+    std_min: float = _f(0.01, "lower bound of the Gaussian policy std (normalized action units)")
+    std_max: float = _f(1.0, "upper bound of the Gaussian policy std")
+    init_std: float = _f(0.1, "initial Gaussian policy std")
+    tanh_mean: bool = _f(True, "tanh-bound the Gaussian mean to [-1, 1]")
+
+    def validate(self) -> None:
+        if self.name not in POLICY_NAMES:
+            raise DpftError(f"policy.name={self.name!r} is not a known policy; expected one of {', '.join(POLICY_NAMES)}.")
+        if self.denoising_steps < 1:
+            raise DpftError(f"policy.denoising_steps={self.denoising_steps} must be >= 1.")
+        if self.use_ddim and (self.ddim_steps is None or not 1 <= self.ddim_steps <= self.denoising_steps):
+            raise DpftError(
+                f"policy.use_ddim=true needs policy.ddim_steps between 1 and policy.denoising_steps "
+                f"({self.denoising_steps}); got ddim_steps={self.ddim_steps}."
+            )
+        if not 0 < self.std_min <= self.init_std <= self.std_max:
+            raise DpftError(
+                f"Gaussian policy stds must satisfy 0 < std_min <= init_std <= std_max; got std_min={self.std_min}, "
+                f"init_std={self.init_std}, std_max={self.std_max}."
+            )
+
+
+@dataclass
+class DataConfig:
+    """How the HDF5 file is split into train and validation demos."""
+
+    train_filter_key: Optional[str] = _f("train", "mask/<key> listing training demos (used when present)")
+    valid_filter_key: Optional[str] = _f("valid", "mask/<key> listing validation demos (used when present)")
+    valid_ratio: float = _f(0.1, "fraction of demos held out when the file has no filter keys (seeded split)")
+
+
+@dataclass
+class PretrainConfig:
+    """``dpft pretrain``: behaviour cloning of a diffusion or Gaussian policy on a robomimic HDF5 file."""
+
+    dataset: Optional[str] = _f(None, "robomimic-format HDF5 file (required)")
+    out: Optional[str] = _f(None, "run directory: config, metrics, checkpoints (required)")
+    policy: PolicyConfig = _f(help="policy settings (choose with policy=diffusion_mlp|diffusion_unet|gaussian_mlp)",
+                              factory=PolicyConfig)
+    data: DataConfig = _f(help="train/valid split", factory=DataConfig)
+    obs_keys: List[str] = _f(help="observation keys, low-dim ones concatenated in this order; *_image keys are cameras",
+                             factory=lambda: list(ROBOMIMIC_LOW_DIM_KEYS))
+    horizon_steps: int = _f(4, "actions predicted per chunk (1 = no chunking)")
+    cond_steps: int = _f(1, "observations in the history window")
+    act_steps: int = _f(4, "actions of a chunk executed before re-planning (<= horizon_steps)")
+    steps: int = _f(20000, "total optimizer steps")
+    batch_size: int = _f(256, "global batch size (split evenly across DDP ranks)")
+    lr: float = _f(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(1e-6, "AdamW weight decay")
+    warmup_steps: int = _f(500, "linear warm-up steps before the cosine decay")
+    min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr")
+    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
+    ema_decay: float = _f(0.999, "EMA decay (warm-up: min(ema_decay, (1+step)/(10+step))); 0 = no EMA")
+    save_every: int = _f(2000, "checkpoint period in steps (a final checkpoint is always written)")
+    val_every: int = _f(1000, "validation-loss period in steps (0 = off)")
+    log_every: int = _f(50, "metrics period in steps")
+    keep_checkpoints: int = _f(3, "newest checkpoints kept (0 = keep all)")
+    seed: int = _f(0, "random seed (data order, noise, initialization)")
+    device: str = _f("auto", "cpu | cuda | cuda:N | auto")
+    num_threads: Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
+    resume: bool = _f(False, "continue from the newest checkpoint in `out`")
+    logger: str = _f("none", "none | wandb (metrics.jsonl and loss_curve.png are always written)")
+    wandb_project: str = _f("dpft", "wandb project")
+    wandb_mode: str = _f("online", "online | offline | disabled")
+    progress: bool = _f(True, "show a progress bar")
+
+    def validate(self) -> None:
+        if not self.dataset:
+            raise DpftError("dataset=FILE.hdf5 is required: the robomimic-format HDF5 file to train on.")
+        if not self.out:
+            raise DpftError("out=RUN_DIR is required: the directory for checkpoints and metrics.")
+        self.policy.validate()
+        for name in ("horizon_steps", "cond_steps", "act_steps", "steps", "batch_size", "save_every"):
+            if getattr(self, name) < 1:
+                raise DpftError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.act_steps > self.horizon_steps:
+            raise DpftError(f"act_steps={self.act_steps} cannot exceed horizon_steps={self.horizon_steps}.")
+        if not self.obs_keys:
+            raise DpftError("obs_keys is empty: name at least one observation key of the dataset.")
+        if self.logger not in ("none", "wandb"):
+            raise DpftError(f"logger={self.logger!r} is not known; expected none or wandb.")
+        if self.wandb_mode not in ("online", "offline", "disabled"):
+            raise DpftError(f"wandb_mode={self.wandb_mode!r} is not known; expected online, offline or disabled.")
+        if not 0.0 <= self.data.valid_ratio < 1.0:
+            raise DpftError(f"data.valid_ratio={self.data.valid_ratio} must be in [0, 1).")
+        if self.lr <= 0:
+            raise DpftError(f"lr={self.lr} must be > 0.")
+
+
+SCHEMAS: Dict[str, type] = {"pretrain": PretrainConfig}
+
+
+def config_dir() -> str:
+    """Absolute path of the packaged ``cfg/`` directory."""
+    import dpft.cfg as _cfg  # the cfg/ folder is installed as the package dpft.cfg
+
+    paths = list(getattr(_cfg, "__path__", []))
+    if not paths:
+        raise DpftError("dpft's config directory (cfg/) is missing from the installation; reinstall dpft.")
+    return os.path.abspath(paths[0])
+
+
+def compose(command: str, overrides: Optional[List[str]] = None, schema: Optional[type] = None):
+    """Compose ``cfg/<command>.yaml`` with Hydra ``overrides`` and validate it against its schema.
+
+    Returns an OmegaConf ``DictConfig`` typed by the schema (attribute access, struct mode: unknown keys
+    raise). Raises :class:`DpftError` naming the offending override on any problem.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides or [])
+    schema = schema or SCHEMAS[command]
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            raw = hydra_compose(config_name=command, overrides=overrides)
+    except Exception as e:  # hydra raises several exception types for bad overrides
+        raise DpftError(f"Bad option for `dpft {command}`: {_hydra_message(e)} "
+                        f"Run `dpft {command} --help` for the options.") from None
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(raw, resolve=True))
+    except OmegaConfBaseException as e:
+        raise DpftError(f"Bad option for `dpft {command}`: {_omegaconf_message(e)} "
+                        f"Run `dpft {command} --help` for the options.") from None
+    OmegaConf.set_struct(cfg, True)
+    to_object(cfg).validate()
+    return cfg
+
+
+def to_object(cfg):
+    """The config as a plain schema dataclass instance (for validation and typed access)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(cfg)
+
+
+def to_yaml(cfg) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(cfg)
+
+
+def from_yaml_text(text: str, schema: type, source: str = "config"):
+    """Parse a saved config (e.g. a checkpoint's config.yaml) into the schema."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        loaded = OmegaConf.create(text)
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), loaded)
+    except OmegaConfBaseException as e:
+        raise DpftError(f"{source} does not match dpft's {schema.__name__} schema: {_omegaconf_message(e)}") from None
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _omegaconf_message(e: Exception) -> str:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    key = getattr(e, "full_key", None)
+    if key and key not in msg:
+        msg = f"{msg} (key: {key})"
+    return msg
+
+
+def _hydra_message(e: Exception) -> str:
+    text = str(e).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    msg = " ".join(lines[:3]) if lines else type(e).__name__
+    if "Could not override" in msg or "not in struct" in msg:
+        msg += " (unknown config key; dotted keys such as policy.denoising_steps reach nested options)"
+    return msg
+
+
+def describe_schema(schema: type, prefix: str = "", defaults: Optional[Any] = None) -> List[str]:
+    """Lines ``key = default  # help`` for every field of a schema dataclass (recursing into sections)."""
+    lines: List[str] = []
+    for f in fields(schema):
+        if defaults is not None:
+            value = getattr(defaults, f.name)
+        elif f.default_factory is not MISSING:  # type: ignore[misc]
+            value = f.default_factory()  # type: ignore[misc]
+        else:
+            value = f.default
+        if is_dataclass(value):
+            lines.extend(describe_schema(type(value), prefix + f.name + ".", value))
+            continue
+        help_text = f.metadata.get("help", "")
+        lines.append(f"  {prefix + f.name:<36} {value!r:<24} {help_text}")
+    return lines

@@ -1,0 +1,1 @@
+"""dpft/models"""

@@ -1,0 +1,123 @@
+"""The environment contract shared by every backend (robosuite, gymnasium MuJoCo, FurnitureBench).
+
+Two levels:
+
+* :class:`Env` is ONE simulator instance with raw (unnormalized) observations. robosuite and gymnasium
+  adapters implement it; the vector env runs several of them (in worker processes or in-process).
+* :class:`BatchedEnv` is what rollouts and RL agents talk to: ``num_envs`` environments stepped one action
+  chunk at a time, with an observation history of ``cond_steps`` and per-env auto-reset. The vector env
+  implements it over :class:`Env` instances; FurnitureBench (GPU-batched Isaac Gym) implements it directly.
+
+Observations are dicts of numpy arrays keyed by dataset obs keys (``robot0_eef_pos``, ``agentview_image``,
+...), exactly as a robomimic HDF5 stores them, so a checkpoint's obs keys select what the policy sees.
+Normalization is never done here: :meth:`dpft.policy.Policy.act` normalizes with the checkpoint's
+normalizer.
+
+Shapes: single env obs ``{key: (*shape)}``; batched obs ``{key: (N, To, *shape)}``; action chunk
+``(N, act_steps, Da)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+ObsDict = Dict[str, np.ndarray]
+
+
+class Env:
+    """One simulator instance (raw observations, one action per :meth:`step`).
+
+    Subclasses set ``obs_shapes`` (key -> shape), ``obs_dtypes`` (key -> numpy dtype), ``action_dim``,
+    ``max_episode_steps`` and implement the methods below.
+    """
+
+    obs_shapes: Dict[str, Tuple[int, ...]]
+    obs_dtypes: Dict[str, Any]
+    action_dim: int
+    max_episode_steps: int
+
+    def reset(self, seed: Optional[int] = None) -> ObsDict:
+        """Start a new episode (seeded when ``seed`` is given) and return its first observation."""
+        raise NotImplementedError
+
+    def step(self, action: np.ndarray) -> Tuple[ObsDict, float, bool, bool, Dict[str, Any]]:
+        """Apply one action ``(Da,)``.
+
+        Returns ``(obs, reward, terminated, truncated, info)``; ``info["success"]`` (bool) says whether the
+        task is solved in the current state. ``truncated`` is True when the episode reached
+        ``max_episode_steps`` (time limit), ``terminated`` when the task ended it (e.g. terminate on success).
+        """
+        raise NotImplementedError
+
+    def render(self, height: int = 256, width: int = 256, camera: Optional[str] = None) -> np.ndarray:
+        """Return an RGB frame ``(height, width, 3)`` uint8 (upright)."""
+        raise NotImplementedError
+
+    def get_state(self) -> Optional[np.ndarray]:
+        """Flat simulator state (robomimic ``states``), or None when the backend has none."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class StepResult:
+    """Result of stepping one action chunk in every env of a :class:`BatchedEnv`.
+
+    Attributes:
+        obs: observation history after the chunk ``{key: (N, To, *shape)}``; for envs whose episode ended in
+            this chunk this is already the first observation of the next episode (auto-reset).
+        reward: ``(N,)`` float32, rewards summed over the executed steps of the chunk.
+        terminated: ``(N,)`` bool, the episode ended by the task (no bootstrapping).
+        truncated: ``(N,)`` bool, the episode hit its time limit or was cut (bootstrap from ``final_obs``).
+        success: ``(N,)`` bool, task success was reached at some step of the episode so far (for envs whose
+            episode ended in this chunk: of that finished episode).
+        final_obs: ``{key: (N, To, *shape)}``: the last observation history of episodes that ended in this
+            chunk (before reset); rows of other envs equal ``obs``.
+        info: extra per-batch information (e.g. ``"steps"``: (N,) env steps executed in this chunk,
+            ``"nan_resets"``, ``"episode_return"``/``"episode_length"`` arrays for finished episodes,
+            ``"failed"``: (N,) bool + ``"fail_reason"`` list when a worker died).
+    """
+
+    obs: ObsDict
+    reward: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    success: np.ndarray
+    final_obs: ObsDict
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def done(self) -> np.ndarray:
+        return np.logical_or(self.terminated, self.truncated)
+
+
+class BatchedEnv:
+    """``num_envs`` environments stepped one action chunk at a time (see module docstring)."""
+
+    num_envs: int
+    obs_shapes: Dict[str, Tuple[int, ...]]
+    action_dim: int
+    max_episode_steps: int
+    cond_steps: int
+    act_steps: int
+
+    def reset(self, seeds: Optional[List[int]] = None) -> ObsDict:
+        """Reset every env (env i seeded with ``seeds[i]``) and return histories ``(N, To, ...)``."""
+        raise NotImplementedError
+
+    def step(self, action_chunk: np.ndarray) -> StepResult:
+        """Execute ``action_chunk`` ``(N, act_steps, Da)`` (raw, unnormalized actions)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
