@@ -146,7 +146,62 @@ class PretrainConfig:
             raise DpftError(f"lr={self.lr} must be > 0.")
 
 
-SCHEMAS: Dict[str, type] = {"pretrain": PretrainConfig}
+@dataclass
+class DemosConfig:
+    """``dpft demos``: scripted-expert demonstrations in robosuite, written as robomimic HDF5."""
+
+    task: str = _f("lift", "lift | can (| square when its expert is available)")
+    num: int = _f(50, "successful demonstrations to write")
+    out: Optional[str] = _f(None, "output HDF5 file (required)")
+    seed: int = _f(0, "episode i uses seed + i")
+    noise: float = _f(0.0, "imperfection level: 0 = clean expert, 0.3-1.0 = human-like noisy demos")
+    image_obs: bool = _f(False, "also record camera images (<camera>_image, uint8)")
+    camera_size: int = _f(84, "camera image height and width")
+    keep_failures: bool = _f(False, "keep failed episodes too")
+    valid_ratio: float = _f(0.1, "fraction of demos listed in mask/valid")
+    progress: bool = _f(True, "show a progress bar")
+
+    def validate(self) -> None:
+        if not self.out:
+            raise DpftError("out=FILE.hdf5 is required: where to write the demonstrations.")
+        if self.num < 1:
+            raise DpftError(f"num={self.num} must be >= 1.")
+        if self.noise < 0:
+            raise DpftError(f"noise={self.noise} must be >= 0.")
+
+
+@dataclass
+class RolloutConfig:
+    """``dpft rollout``: run a checkpoint in its environment, score it and render videos."""
+
+    checkpoint: Optional[str] = _f(None, "run directory or checkpoint directory (required)")
+    episodes: int = _f(10, "episodes to run (episode i uses seed + i)")
+    envs: int = _f(0, "parallel environments (0 = min(episodes, CPU cores))")
+    seed: int = _f(100000, "seed of the first episode (default away from the demo seeds)")
+    video: bool = _f(False, "write MP4 videos")
+    videos: int = _f(4, "how many episodes to record when video=true (0 = all)")
+    out: Optional[str] = _f(None, "output directory (default: <checkpoint run>/rollout)")
+    weights: str = _f("ema", "ema | model: which weights of the checkpoint to run")
+    deterministic: bool = _f(True, "deterministic sampling (DDIM eta 0 / DDPM min std / Gaussian mean)")
+    device: str = _f("cpu", "cpu | cuda | auto (policy inference device)")
+    max_episode_steps: Optional[int] = _f(None, "override the task's episode length")
+    terminate_on_success: bool = _f(True, "end an episode when the task succeeds")
+    video_size: int = _f(256, "video frame size (square)")
+    camera: Optional[str] = _f(None, "camera to render (default agentview)")
+    progress: bool = _f(True, "show a progress bar")
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise DpftError("checkpoint=RUN_DIR is required: a run directory or checkpoint directory to roll out.")
+        if self.episodes < 1:
+            raise DpftError(f"episodes={self.episodes} must be >= 1.")
+        if self.envs < 0:
+            raise DpftError(f"envs={self.envs} must be >= 0 (0 = automatic).")
+        if self.weights not in ("ema", "model"):
+            raise DpftError(f"weights={self.weights!r} is not known; expected ema or model.")
+
+
+SCHEMAS: Dict[str, type] = {"pretrain": PretrainConfig, "demos": DemosConfig, "rollout": RolloutConfig}
 
 
 def config_dir() -> str:
@@ -159,7 +214,8 @@ def config_dir() -> str:
     return os.path.abspath(paths[0])
 
 
-def compose(command: str, overrides: Optional[List[str]] = None, schema: Optional[type] = None):
+def compose(command: str, overrides: Optional[List[str]] = None, schema: Optional[type] = None,
+            validate: bool = True):
     """Compose ``cfg/<command>.yaml`` with Hydra ``overrides`` and validate it against its schema.
 
     Returns an OmegaConf ``DictConfig`` typed by the schema (attribute access, struct mode: unknown keys
@@ -187,7 +243,8 @@ def compose(command: str, overrides: Optional[List[str]] = None, schema: Optiona
         raise DpftError(f"Bad option for `dpft {command}`: {_omegaconf_message(e)} "
                         f"Run `dpft {command} --help` for the options.") from None
     OmegaConf.set_struct(cfg, True)
-    to_object(cfg).validate()
+    if validate:
+        to_object(cfg).validate()
     return cfg
 
 
@@ -228,8 +285,13 @@ def _omegaconf_message(e: Exception) -> str:
 
 def _hydra_message(e: Exception) -> str:
     text = str(e).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    msg = " ".join(lines[:3]) if lines else type(e).__name__
+    lines = []
+    for ln in text.splitlines():
+        if ln.strip().startswith("Config search path"):
+            break
+        if ln.strip():
+            lines.append(ln)
+    msg = " ".join(ln.strip() for ln in lines[:12]) if lines else type(e).__name__
     if "Could not override" in msg or "not in struct" in msg:
         msg += " (unknown config key; dotted keys such as policy.denoising_steps reach nested options)"
     return msg

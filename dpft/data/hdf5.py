@@ -212,15 +212,19 @@ def _read_filter_key(f: h5py.File, path: str, key: str, demo_set: Iterable[str])
     return sorted(set(names), key=demo_sort_key)
 
 
-def read_filter_keys(path: Any) -> Dict[str, List[str]]:
-    """All filter keys of the file, ``{name: [demo names sorted numerically]}`` ({} when none).
+def read_filter_keys(path: Any, names: Optional[Sequence[str]] = None) -> Dict[str, List[str]]:
+    """Filter keys of the file, ``{name: [demo names sorted numerically]}`` ({} when none).
 
+    With ``names``, only those filter keys are read (the ones absent from the file are skipped).
     Raises DpftError for an empty filter key or one naming demos absent from ``data/``.
     """
     p = _fmt_path(path)
     with open_robomimic(p) as f:
         demos = _demo_names_in(f["data"])
-        return {k: _read_filter_key(f, p, k, demos) for k in _filter_key_names(f)}
+        keys = _filter_key_names(f)
+        if names is not None:
+            keys = [k for k in keys if k in set(names)]
+        return {k: _read_filter_key(f, p, k, demos) for k in keys}
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -261,7 +265,13 @@ def _check_action_dims(dims: Dict[str, int], path: str) -> int:
     return next(iter(by_dim))
 
 
-def _check_length(n: int, expected: int, path: str, where: str, demo: str) -> None:
+def _check_length(ds: h5py.Dataset, expected: int, path: str, where: str, demo: str) -> None:
+    if ds.ndim == 0:
+        raise DpftError(
+            "'%s': %s is a scalar dataset; expected one row per step (%d steps, like data/%s/actions)."
+            % (path, where, expected, demo)
+        )
+    n = int(ds.shape[0])
     if n != expected:
         raise DpftError(
             "'%s': %s has %d steps but data/%s/actions has %d; observations and actions of a demo must have "
@@ -307,7 +317,7 @@ def describe(path: Any) -> Dict[str, Any]:
             obs = _obs_group(grp, name, p)
             for key in obs.keys():
                 ds = _check_is_dataset(obs[key], p, "data/%s/obs/%s" % (name, key))
-                _check_length(int(ds.shape[0]) if ds.ndim else -1, T, p, "data/%s/obs/%s" % (name, key), name)
+                _check_length(ds, T, p, "data/%s/obs/%s" % (name, key), name)
                 shape, dtype = tuple(int(s) for s in ds.shape[1:]), ds.dtype
                 if key not in obs_meta:
                     obs_meta[key] = {"shape": shape, "dtype": str(dtype), "kind": _kind(shape, dtype)}
@@ -323,13 +333,13 @@ def describe(path: Any) -> Dict[str, Any]:
             for opt in ("rewards", "dones", "states"):
                 if opt in grp:
                     ds = _check_is_dataset(grp[opt], p, "data/%s/%s" % (name, opt))
-                    _check_length(int(ds.shape[0]) if ds.ndim else -1, T, p, "data/%s/%s" % (name, opt), name)
+                    _check_length(ds, T, p, "data/%s/%s" % (name, opt), name)
                     extras[opt] += 1
             if "next_obs" in grp and isinstance(grp["next_obs"], h5py.Group):
                 extras["next_obs"] += 1
                 for key in grp["next_obs"].keys():
                     ds = _check_is_dataset(grp["next_obs"][key], p, "data/%s/next_obs/%s" % (name, key))
-                    _check_length(int(ds.shape[0]) if ds.ndim else -1, T, p,
+                    _check_length(ds, T, p,
                                   "data/%s/next_obs/%s" % (name, key), name)
             if "num_samples" in grp.attrs and int(grp.attrs["num_samples"]) != T:
                 warnings.append(
@@ -388,8 +398,6 @@ def describe(path: Any) -> Dict[str, Any]:
             "actions fall outside [-1, 1] (min %.4g, max %.4g); robomimic expects normalized actions "
             "(dpft normalizes with the training-split min/max anyway)" % (act_min.min(), act_max.max())
         )
-    if filter_keys:
-        pass
     return {
         "path": p,
         "num_demos": len(names),
@@ -439,14 +447,16 @@ def format_description(d: Dict[str, Any]) -> str:
         % (ln["min"], ln["max"], ln["mean"], ln["std"], ln["median"])
     )
     lines.append("Observation keys:")
-    kind_names = {"low_dim": "low-dim", "image": "image", "other": "other (not usable as input)"}
+    kind_names = {"low_dim": "low-dim", "image": "image", "other": "other*"}
     width = max([len(k) for k in d["obs"]] + [4])
     for key in sorted(d["obs"]):
         m = d["obs"][key]
         lines.append(
             "  %-*s  %-8s %-16s %s"
-            % (width, key, kind_names.get(m["kind"], m["kind"]).split(" ")[0], str(tuple(m["shape"])), m["dtype"])
+            % (width, key, kind_names.get(m["kind"], m["kind"]), str(tuple(m["shape"])), m["dtype"])
         )
+    if any(m["kind"] == "other" for m in d["obs"].values()):
+        lines.append("  * not usable as a policy input (neither a low-dim vector nor a uint8 (H, W, C) image)")
     low = [k for k in sorted(d["obs"]) if d["obs"][k]["kind"] == "low_dim"]
     if low:
         dim = sum(int(np.prod(d["obs"][k]["shape"])) if d["obs"][k]["shape"] else 1 for k in low)
@@ -615,7 +625,7 @@ def load_demos(
                         "obs_keys setting." % (p, key, name, ", ".join(sorted(obs.keys())))
                     )
                 ds = _check_is_dataset(obs[key], p, "data/%s/obs/%s" % (name, key))
-                _check_length(int(ds.shape[0]) if ds.ndim else -1, T, p, "data/%s/obs/%s" % (name, key), name)
+                _check_length(ds, T, p, "data/%s/obs/%s" % (name, key), name)
                 shape = tuple(int(s) for s in ds.shape[1:])
                 if key not in shapes:
                     shapes[key], dtypes[key], first_demo[key] = shape, ds.dtype, name

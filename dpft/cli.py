@@ -1,0 +1,200 @@
+"""``dpft <command>``: the thin command-line layer over dpft's library functions.
+
+Commands (options are Hydra-style ``key=value`` overrides of ``cfg/<command>.yaml``):
+
+  dpft data info FILE.hdf5                       inspect and validate a robomimic-format HDF5 file
+  dpft demos task=lift num=50 out=FILE.hdf5      scripted-expert demonstrations in robosuite
+  dpft pretrain dataset=FILE.hdf5 out=RUN_DIR    behaviour cloning of a diffusion or Gaussian policy
+  dpft rollout checkpoint=RUN_DIR episodes=20    run a checkpoint, score it, write videos
+  dpft quickstart                                demos -> pretrain -> rollout on Lift in one go
+  dpft info                                      versions and rendering backend (paste into bug reports)
+
+Every command has ``--help``; ``--show-config`` prints the composed config and exits. Errors in user
+input print one paragraph (no stack trace) and exit with status 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Dict, List, Optional
+
+from dpft.errors import DpftError
+
+USAGE = __doc__.split("\n\n", 1)[1]
+
+
+def _schema_help(command: str, summary: str, examples: List[str]) -> str:
+    from dpft.config import SCHEMAS, describe_schema
+
+    lines = [summary, "", "Usage: dpft %s [key=value ...] [--show-config]" % command, "", "Examples:"]
+    lines += ["  " + e for e in examples]
+    lines += ["", "Options (key, default, meaning):"]
+    lines += describe_schema(SCHEMAS[command])
+    if command == "pretrain":
+        lines += ["", "Config groups: policy=diffusion_mlp | diffusion_unet | gaussian_mlp (cfg/policy/*.yaml).",
+                  "Data-parallel: torchrun --nproc_per_node N $(which dpft) pretrain ... (batch_size is global)."]
+    return "\n".join(lines)
+
+
+HELP = {
+    "pretrain": (
+        "Pretrain a policy by behaviour cloning on a robomimic-format HDF5 file.",
+        [
+            "dpft pretrain dataset=data/lift.hdf5 out=runs/lift",
+            "dpft pretrain dataset=data/lift.hdf5 out=runs/lift_unet policy=diffusion_unet horizon_steps=8 act_steps=8",
+            "dpft pretrain dataset=data/lift.hdf5 out=runs/lift_gauss policy=gaussian_mlp horizon_steps=1 act_steps=1",
+            "dpft pretrain dataset=data/lift.hdf5 out=runs/lift resume=true    # continue a killed run",
+        ],
+    ),
+    "demos": (
+        "Write scripted-expert demonstrations (robosuite) as a robomimic-format HDF5 file.",
+        ["dpft demos task=lift num=50 out=data/lift.hdf5",
+         "dpft demos task=can num=100 out=data/can_noisy.hdf5 noise=0.5 seed=1"],
+    ),
+    "rollout": (
+        "Roll out a checkpoint in the environment rebuilt from its metadata; print and write result.json.",
+        ["dpft rollout checkpoint=runs/lift episodes=20",
+         "dpft rollout checkpoint=runs/lift episodes=10 envs=2 video=true out=runs/lift/eval"],
+    ),
+}
+
+
+def _split_help(args: List[str]):
+    want_help = any(a in ("-h", "--help") for a in args)
+    show = "--show-config" in args
+    rest = [a for a in args if a not in ("-h", "--help", "--show-config")]
+    for a in rest:
+        if a.startswith("-"):
+            raise DpftError(f"Unknown flag {a!r}: options are written key=value (see --help).")
+    return want_help, show, rest
+
+
+def _compose_or_help(command: str, args: List[str]):
+    from dpft.config import compose, to_yaml
+
+    want_help, show, overrides = _split_help(args)
+    if want_help:
+        summary, examples = HELP[command]
+        print(_schema_help(command, summary, examples))
+        return None
+    if show:  # print without validating required fields, so users can inspect the defaults
+        print(to_yaml(compose(command, overrides, validate=False)))
+        return None
+    return compose(command, overrides)
+
+
+def cmd_data(args: List[str]) -> int:
+    if not args or args[0] in ("-h", "--help") or args[0] != "info":
+        print("Usage: dpft data info FILE.hdf5\n\nPrint demos, samples, obs keys (shape, dtype), action "
+              "dimension and per-dimension range, filter keys and env metadata; validate the file and exit "
+              "with status 2 and a precise message when it is broken.")
+        return 0 if args and args[0] in ("-h", "--help") else 2 if args else 0
+    if len(args) != 2:
+        raise DpftError("Usage: dpft data info FILE.hdf5 (exactly one file).")
+    from dpft.data.hdf5 import describe, format_description
+
+    print(format_description(describe(args[1])))
+    return 0
+
+
+def cmd_pretrain(args: List[str]) -> int:
+    cfg = _compose_or_help("pretrain", args)
+    if cfg is None:
+        return 0
+    from agents.pretrain import pretrain
+
+    path = pretrain(cfg)
+    if path:
+        print(f"final checkpoint: {path}")
+    return 0
+
+
+def cmd_demos(args: List[str]) -> int:
+    cfg = _compose_or_help("demos", args)
+    if cfg is None:
+        return 0
+    from envs.demos import make_demos
+
+    summary = make_demos(
+        task=cfg.task, num=cfg.num, out=cfg.out, seed=cfg.seed, noise=cfg.noise, image_obs=cfg.image_obs,
+        camera_size=cfg.camera_size, keep_failures=cfg.keep_failures, valid_ratio=cfg.valid_ratio,
+        progress=cfg.progress,
+    )
+    print(f"wrote {summary.get('kept')} demos ({summary.get('samples')} samples) to {cfg.out}; "
+          f"expert success {summary.get('success_rate', float('nan')):.0%} over {summary.get('attempted')} attempts")
+    return 0
+
+
+def cmd_rollout(args: List[str]) -> int:
+    cfg = _compose_or_help("rollout", args)
+    if cfg is None:
+        return 0
+    from envs.rollout import rollout_checkpoint
+
+    rollout_checkpoint(
+        cfg.checkpoint, episodes=cfg.episodes, num_envs=cfg.envs, seed=cfg.seed,
+        video=(cfg.videos or True) if cfg.video else False, out_dir=cfg.out, weights=cfg.weights,
+        device=cfg.device, deterministic=cfg.deterministic, progress=cfg.progress,
+        env_overrides={"max_episode_steps": cfg.max_episode_steps, "terminate_on_success": cfg.terminate_on_success,
+                       "render_size": cfg.video_size, "render_camera": cfg.camera},
+    )
+    return 0
+
+
+def cmd_quickstart(args: List[str]) -> int:
+    want_help, _, rest = _split_help(args)
+    from agents.quickstart import QUICKSTART_HELP, quickstart, parse_quickstart_args
+
+    if want_help:
+        print(QUICKSTART_HELP)
+        return 0
+    quickstart(**parse_quickstart_args(rest))
+    return 0
+
+
+def cmd_info(args: List[str]) -> int:
+    from dpft.sysinfo import system_report
+
+    print(system_report())
+    return 0
+
+
+COMMANDS: Dict[str, Callable[[List[str]], int]] = {
+    "data": cmd_data,
+    "demos": cmd_demos,
+    "pretrain": cmd_pretrain,
+    "rollout": cmd_rollout,
+    "quickstart": cmd_quickstart,
+    "info": cmd_info,
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("dpft: pretrain diffusion/Gaussian policies and fine-tune them with RL.\n\n" + USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from dpft import __version__
+
+        print(__version__)
+        return 0
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"dpft: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (dpft --help).", file=sys.stderr)
+        return 2
+    try:
+        return command(argv[1:]) or 0
+    except DpftError as e:
+        print(f"dpft {argv[0]}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"dpft {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and closed early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
