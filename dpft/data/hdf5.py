@@ -470,7 +470,8 @@ def format_description(d: Dict[str, Any]) -> str:
         lines.append("Filter keys:")
         fw = max(len(k) for k in d["filter_keys"])
         for k in sorted(d["filter_keys"]):
-            lines.append("  %-*s  %d demos" % (fw, k, d["filter_keys"][k]))
+            n = d["filter_keys"][k]
+            lines.append("  %-*s  %d demo%s" % (fw, k, n, "" if n == 1 else "s"))
     else:
         lines.append("Filter keys: none (a seeded split by valid_ratio is used for validation)")
     present = ["%s (%d demos)" % (k, n) for k, n in d["extras"].items() if n]

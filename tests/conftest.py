@@ -1,0 +1,23 @@
+"""Shared pytest fixtures: tiny synthetic robomimic files (see tests/synth.py)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.synth import write_robomimic_hdf5
+
+
+@pytest.fixture
+def tiny_hdf5(tmp_path):
+    """Low-dim robomimic file: 4 demos of 12/15/18/21 steps, obs robot0_eef_pos (3), robot0_eef_quat (4),
+    robot0_gripper_qpos (2), object (10), actions (7), filter keys train (demo_0..2) / valid (demo_3)."""
+    path = tmp_path / "tiny_low_dim.hdf5"
+    write_robomimic_hdf5(path)
+    return path
+
+
+@pytest.fixture
+def tiny_image_hdf5(tmp_path):
+    """Same as ``tiny_hdf5`` plus uint8 agentview_image (T, 16, 16, 3)."""
+    path = tmp_path / "tiny_image.hdf5"
+    write_robomimic_hdf5(path, images=True, image_shape=(16, 16, 3))
+    return path
