@@ -66,6 +66,7 @@ class MLP(nn.Module):
         if len(dims) < 2:
             raise DpftError("MLP dims must list at least an input and an output width, got {}.".format(dims))
         _check_dims(dims, "MLP dims")
+        make_activation(activation)  # validate the name even when there is no hidden layer
         layers = []
         for i in range(len(dims) - 1):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
