@@ -129,16 +129,44 @@ def cmd_rollout(args: List[str]) -> int:
     cfg = _compose_or_help("rollout", args)
     if cfg is None:
         return 0
+    _import_isaacgym_if_furniture(cfg.checkpoint)
     from envs.rollout import rollout_checkpoint
 
+    env_options = {"terminate_on_success": cfg.terminate_on_success}
+    if cfg.max_episode_steps is not None:
+        env_options["max_episode_steps"] = cfg.max_episode_steps
     rollout_checkpoint(
-        cfg.checkpoint, episodes=cfg.episodes, num_envs=cfg.envs, seed=cfg.seed,
-        video=(cfg.videos or True) if cfg.video else False, out_dir=cfg.out, weights=cfg.weights,
-        device=cfg.device, deterministic=cfg.deterministic, progress=cfg.progress,
-        env_overrides={"max_episode_steps": cfg.max_episode_steps, "terminate_on_success": cfg.terminate_on_success,
-                       "render_size": cfg.video_size, "render_camera": cfg.camera},
+        cfg.checkpoint, episodes=cfg.episodes, num_envs=cfg.envs or None, seed=cfg.seed,
+        video=(cfg.videos or True) if cfg.video else 0, out_dir=cfg.out, weights=cfg.weights,
+        device=cfg.device, deterministic=cfg.deterministic, progress=cfg.progress, env_options=env_options,
+        video_size=(cfg.video_size, cfg.video_size), camera=cfg.camera,
     )
     return 0
+
+
+def _import_isaacgym_if_furniture(checkpoint: str) -> None:
+    """Isaac Gym must be imported before torch: peek at the checkpoint's meta.json (JSON only) first."""
+    import glob
+    import json
+
+    candidates = [os.path.join(checkpoint, "meta.json")]
+    latest = os.path.join(checkpoint, "checkpoints", "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            candidates.insert(0, os.path.join(checkpoint, "checkpoints", f.read().strip(), "meta.json"))
+    candidates += sorted(glob.glob(os.path.join(checkpoint, "checkpoints", "step_*", "meta.json")))[-1:]
+    for path in candidates:
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    env_type = (json.load(f).get("env_args") or {}).get("type")
+            except (OSError, ValueError):
+                return
+            if env_type == "furniture":
+                from envs.furniture import import_isaacgym_first
+
+                import_isaacgym_first()
+            return
 
 
 def cmd_quickstart(args: List[str]) -> int:

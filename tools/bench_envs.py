@@ -1,0 +1,216 @@
+"""Benchmark env throughput: one robosuite env in-process vs N worker processes, and rollout overhead.
+
+Measures, for a robosuite task (Lift by default) with low-dim observations (DPPO's obs keys, random actions in
+[-1, 1]):
+
+1. env-steps/s of ONE env stepped in this process (resets included when an episode hits its time limit);
+2. aggregate env-steps/s of :class:`envs.vector.VectorEnv` with N worker processes, stepped one action chunk
+   (``--act-steps``) per round trip, and the scaling ratio ``aggregate / (min(N, cores) * single)``
+   (goal >= 0.8: the workers use the cores, IPC costs little);
+3. the share of a policy rollout's wall time spent outside the simulator (policy inference, IPC bookkeeping)
+   with a diffusion MLP policy sampling with ``--ddim-steps`` DDIM steps (goal <= 20%). Without
+   ``--checkpoint`` an untrained :class:`dpft.diffusion.model.DiffusionModel` of the default size (residual
+   MLP 3 x 512, 100 training steps, DDIM) is used: its timing is that of a trained one. With
+   ``--checkpoint`` the checkpoint is loaded with ``dpft.load_policy`` and evaluated on its own env.
+
+Prints a table and a markdown block to paste into BENCHMARKS.md. Timings on a shared machine vary by 10-30%;
+run it on an idle machine.
+
+Example usage::
+
+    python tools/bench_envs.py                      # N = cores and 2 x cores, 500 steps per measurement
+    python tools/bench_envs.py --workers 2 4 --steps 2000 --rollout-episodes 4
+    python tools/bench_envs.py --steps 50           # quick smoke run
+    python tools/bench_envs.py --checkpoint runs/lift/checkpoints/step_00010000 --rollout-episodes 8
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+#: DPPO's low-dim observation keys (robomimic names) per robosuite task
+DPPO_OBS_KEYS = {
+    "transport": ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos",
+                  "robot1_eef_pos", "robot1_eef_quat", "robot1_gripper_qpos", "object"],
+}
+DEFAULT_OBS_KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
+
+
+def obs_keys_for(task: str) -> List[str]:
+    return DPPO_OBS_KEYS.get(task.lower(), DEFAULT_OBS_KEYS)
+
+
+def env_factory(task: str, max_episode_steps: int):
+    """Picklable zero-argument factory of a low-dim robosuite env (built inside each worker)."""
+    from envs.registry import EnvFactory, env_args_for_task
+
+    return EnvFactory(env_args_for_task(task), obs_keys=obs_keys_for(task),
+                      kwargs={"max_episode_steps": max_episode_steps})
+
+
+def bench_single(factory, steps: int, seed: int) -> float:
+    """env-steps/s of one env in this process (one warm-up step excluded)."""
+    env = factory()
+    rng = np.random.default_rng(seed)
+    try:
+        env.reset(seed=seed)
+        env.step(rng.uniform(-1, 1, env.action_dim))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            _, _, term, trunc, _ = env.step(rng.uniform(-1, 1, env.action_dim))
+            if term or trunc:
+                env.reset()
+        return steps / (time.perf_counter() - t0)
+    finally:
+        env.close()
+
+
+def bench_vector(factory, num_envs: int, steps: int, act_steps: int, seed: int) -> Dict[str, float]:
+    """Aggregate env-steps/s of a process VectorEnv (the first chunk, a warm-up, is excluded)."""
+    from envs.vector import VectorEnv
+
+    rng = np.random.default_rng(seed)
+    t_start = time.perf_counter()
+    with VectorEnv([factory] * num_envs, act_steps=act_steps, mode="process") as venv:
+        startup = time.perf_counter() - t_start
+        venv.reset(seeds=[seed + i for i in range(num_envs)])
+        venv.step(rng.uniform(-1, 1, (num_envs, act_steps, venv.action_dim)))
+        chunks = max(1, steps // act_steps)
+        done_steps = 0
+        t0 = time.perf_counter()
+        for _ in range(chunks):
+            res = venv.step(rng.uniform(-1, 1, (num_envs, act_steps, venv.action_dim)))
+            done_steps += int(res.info["steps"].sum())
+        elapsed = time.perf_counter() - t0
+    return {"steps_per_s": done_steps / elapsed, "startup_s": startup}
+
+
+def untrained_policy(obs_shapes: Dict[str, Any], obs_keys: List[str], ddim_steps: int, horizon_steps: int,
+                     act_steps: int, action_dim: int):
+    """A :class:`dpft.policy.Policy` (normalizer + model) around an untrained diffusion MLP of the default size
+    (cfg/policy/diffusion_mlp.yaml: residual MLP 3 x 512), 100 training steps, DDIM sampling: the same
+    inference cost as a trained checkpoint."""
+    import torch
+
+    from dpft.models import build_policy_model
+    from dpft.normalization import MinMaxNormalizer
+    from dpft.policy import Policy
+
+    torch.manual_seed(0)
+    obs_dim = int(sum(int(np.prod(obs_shapes[k])) for k in obs_keys))
+    model = build_policy_model(
+        {"name": "diffusion_mlp", "denoising_steps": 100, "use_ddim": True, "ddim_steps": ddim_steps,
+         "mlp_dims": [512, 512, 512], "residual_style": True, "time_dim": 16},
+        obs_shapes=obs_shapes, low_dim_dim=obs_dim, image_keys=[], action_dim=action_dim,
+        horizon_steps=horizon_steps, cond_steps=1)
+    normalizer = MinMaxNormalizer({"state": (-np.ones(obs_dim), np.ones(obs_dim)),
+                                   "action": (-np.ones(action_dim), np.ones(action_dim))})
+    meta = {"obs_keys": list(obs_keys), "low_dim_keys": list(obs_keys), "image_keys": [],
+            "obs_shapes": {k: list(obs_shapes[k]) for k in obs_keys}, "obs_dim": obs_dim,
+            "action_dim": action_dim, "horizon_steps": horizon_steps, "cond_steps": 1, "act_steps": act_steps,
+            "policy": "diffusion_mlp (untrained)"}
+    return Policy(model, normalizer, meta, weights="model")
+
+
+def bench_rollout(args, factory, num_envs: int, obs_shapes: Dict[str, Any], action_dim: int) -> Dict[str, Any]:
+    from envs.rollout import rollout, rollout_checkpoint
+
+    if args.checkpoint:
+        return rollout_checkpoint(args.checkpoint, episodes=args.rollout_episodes, num_envs=num_envs,
+                                  seed=args.seed, progress=False)
+    policy = untrained_policy(obs_shapes, obs_keys_for(args.task), args.ddim_steps, args.horizon_steps,
+                              args.act_steps, action_dim)
+    return rollout(policy, [factory] * num_envs, episodes=args.rollout_episodes, seed=args.seed,
+                   progress=False, mode="process")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    cores = os.cpu_count() or 1
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="lift", help="robosuite task (lift, can, square, transport)")
+    parser.add_argument("--steps", type=int, default=500, help="env steps per env per measurement")
+    parser.add_argument("--workers", type=int, nargs="+", default=sorted({cores, 2 * cores}),
+                        help="worker counts to measure (default: cores and 2 x cores = %(default)s)")
+    parser.add_argument("--act-steps", type=int, default=4, help="actions per chunk (one IPC round trip)")
+    parser.add_argument("--horizon-steps", type=int, default=4, help="Ta of the untrained policy")
+    parser.add_argument("--ddim-steps", type=int, default=5, help="DDIM sampling steps of the untrained policy")
+    parser.add_argument("--rollout-episodes", type=int, default=cores,
+                        help="episodes of the rollout measurement (0 skips it)")
+    parser.add_argument("--rollout-envs", type=int, default=cores, help="worker processes of the rollout")
+    parser.add_argument("--max-episode-steps", type=int, default=None,
+                        help="episode length (default: --steps, so the rollout measurement stays short)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="measure the rollout with this checkpoint (its own env) instead of an untrained model")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads of this (policy) process")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.act_steps < 1 or any(w < 1 for w in args.workers):
+        parser.error("--steps, --act-steps and --workers must be >= 1")
+
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    max_steps = args.max_episode_steps or args.steps
+    factory = env_factory(args.task, max_steps)
+    probe = factory()
+    obs_shapes = dict(probe.obs_shapes)
+    action_dim = int(probe.action_dim)
+    probe.close()
+
+    single = bench_single(factory, args.steps, args.seed)
+    rows = []
+    for n in args.workers:
+        r = bench_vector(factory, n, args.steps, args.act_steps, args.seed)
+        ratio = r["steps_per_s"] / (min(n, cores) * single)
+        rows.append((n, r["steps_per_s"], ratio, r["startup_s"]))
+    roll = None
+    if args.rollout_episodes > 0:
+        roll = bench_rollout(args, factory, args.rollout_envs, obs_shapes, action_dim)
+
+    import robosuite
+
+    header = "robosuite %s, task %s low-dim (%s), %d cores, %s, python %s, torch %s" % (
+        robosuite.__version__, args.task, ", ".join(obs_keys_for(args.task)), cores, platform.processor() or platform.machine(),
+        platform.python_version(), torch.__version__)
+    print(header)
+    print("%-28s %14s %10s %10s" % ("setup", "env-steps/s", "scaling", "start (s)"))
+    print("%-28s %14.1f %10s %10s" % ("1 env, in-process", single, "-", "-"))
+    for n, sps, ratio, start in rows:
+        print("%-28s %14.1f %10.2f %10.1f" % ("%d workers (act_steps %d)" % (n, args.act_steps), sps, ratio, start))
+    if roll is not None:
+        print("rollout: %d episodes on %d workers, %.0f env-steps/s, %.1f%% of wall time outside the simulator "
+              "(policy %.2f s, sim %.2f s, wall %.2f s after %.1f s of worker startup)" % (
+                  roll["num_episodes"], roll["num_envs"], roll["env_steps_per_s"],
+                  100 * roll["outside_sim_fraction"], roll["policy_time_s"], roll["sim_time_s"],
+                  roll["wall_time_s"] - roll["startup_time_s"], roll["startup_time_s"]))
+
+    print("\n```markdown")
+    print("### Env throughput (`python tools/bench_envs.py %s`)\n" % " ".join(argv if argv is not None else sys.argv[1:]))
+    print(header + ", %d steps per measurement.\n" % args.steps)
+    print("| setup | env-steps/s | scaling vs cores x single (goal >= 0.8) |")
+    print("|---|---|---|")
+    print("| 1 env, in-process | %.1f | - |" % single)
+    for n, sps, ratio, _ in rows:
+        print("| %d worker processes, act_steps %d | %.1f | %.2f |" % (n, args.act_steps, sps, ratio))
+    if roll is not None:
+        what = ("checkpoint %s" % args.checkpoint) if args.checkpoint else (
+            "an untrained diffusion MLP 3x512 (dpft Policy), %d DDIM steps, Ta %d, act_steps %d" % (
+                args.ddim_steps, args.horizon_steps, args.act_steps))
+        print("\nRollout with %s on %d workers: %.1f%% of wall time outside the simulator (goal <= 20%%), "
+              "%.0f env-steps/s." % (what, roll["num_envs"], 100 * roll["outside_sim_fraction"],
+                                     roll["env_steps_per_s"]))
+    print("```")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
