@@ -230,6 +230,7 @@ def compose(command: str, overrides: Optional[List[str]] = None, schema: Optiona
 
     overrides = list(overrides or [])
     schema = schema or SCHEMAS[command]
+    _register_schemas()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
@@ -247,6 +248,16 @@ def compose(command: str, overrides: Optional[List[str]] = None, schema: Optiona
     if validate:
         to_object(cfg).validate()
     return cfg
+
+
+def _register_schemas() -> None:
+    """Put every schema in Hydra's ConfigStore as ``<command>_schema`` so that ``cfg/<command>.yaml`` lists it
+    first in its defaults: every schema key is then overridable and the YAML only states what it changes."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        cs.store(name=f"{name}_schema", node=schema)
 
 
 def to_object(cfg):
@@ -293,6 +304,11 @@ def _hydra_message(e: Exception) -> str:
         if ln.strip():
             lines.append(ln)
     msg = " ".join(ln.strip() for ln in lines[:12]) if lines else type(e).__name__
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause).strip():
+        detail = _omegaconf_message(cause)
+        if detail not in msg:
+            msg = f"{msg}: {detail}"
     if "Could not override" in msg or "not in struct" in msg:
         msg += " (unknown config key; dotted keys such as policy.denoising_steps reach nested options)"
     return msg

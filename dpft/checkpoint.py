@@ -1,0 +1,504 @@
+"""Run-directory layout, atomic checkpoint writes and pickle-free loading.
+
+Layout (docs/design.md)::
+
+    RUN_DIR/
+      config.yaml  metrics.jsonl  loss_curve.png
+      checkpoints/
+        step_00001000/
+          model.safetensors        live weights (keys of model.state_dict())
+          ema.safetensors          EMA weights, same keys (evaluation default)
+          normalizer.safetensors   "state.min", "state.max", "action.min", "action.max"
+          meta.json                policy type, obs keys/shapes, action_dim, horizons, env_args, versions, step
+          config.yaml              resolved config of the run
+          training_state/          (absent in weights-only checkpoints)
+            optimizer.safetensors  optimizer tensors, keys "state.<param index>.<name>"
+            optimizer.json         param_groups and non-tensor per-parameter state
+            scheduler.json         LR scheduler state_dict
+            rng.safetensors/.json  RNG of rank 0 (dpft.rng); rng_rank<r>.* for the other DDP ranks
+            step.json              step, world size, batch size, EMA update count
+        latest                     text file: name of the newest complete checkpoint directory
+
+Atomicity: a checkpoint is written into ``checkpoints/.tmp-step_XXXXXXXX-<pid>/``, every file is fsynced,
+then the directory is renamed to ``step_XXXXXXXX`` (a rename is atomic, so a ``step_*`` directory is always
+complete) and ``latest`` is replaced with ``os.replace``. A crash at any point leaves the previous
+checkpoints and ``latest`` intact; :func:`find_latest` returns the highest-numbered complete ``step_*``.
+
+Loading reads safetensors and JSON only (never ``torch.load``/pickle); :func:`load_state_strict` refuses
+missing or unexpected weight keys and lists them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from dpft.errors import DpftError
+from dpft.normalization import MinMaxNormalizer
+from dpft.rng import RngState
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+TRAINING_STATE = "training_state"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+NORMALIZER_FILE = "normalizer.safetensors"
+META_FILE = "meta.json"
+CONFIG_FILE = "config.yaml"
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+_TMP_RE = re.compile(r"^\.tmp-step_\d+-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    """``step_00001000`` for step 1000 (8 digits, more when needed)."""
+    return "step_%08d" % int(step)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint. ``training_state`` is None for weights-only loads.
+
+    ``training_state`` keys: ``"optimizer"`` (an optimizer ``state_dict``), ``"scheduler"`` (a scheduler
+    ``state_dict``), ``"rng"`` (list of :data:`dpft.rng.RngState`, index = DDP rank) and ``"step"`` (the
+    step.json dict).
+    """
+
+    dir: str
+    step: int
+    meta: Dict[str, Any]
+    config_yaml: str
+    model_state: Dict[str, torch.Tensor]
+    ema_state: Optional[Dict[str, torch.Tensor]]
+    normalizer: MinMaxNormalizer
+    training_state: Optional[Dict[str, Any]] = None
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file, fsync and ``os.replace`` (readers never see half)."""
+    tmp = "%s.tmp-%d" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_tensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Save a flat tensor dict as safetensors (moved to CPU; tensors sharing memory are copied) and fsync."""
+    from safetensors.torch import save_file
+
+    out = {}  # type: Dict[str, torch.Tensor]
+    for k, v in tensors.items():
+        if not isinstance(v, torch.Tensor):
+            raise DpftError("Cannot save '%s' in %s: expected a tensor, got %s." % (k, path, type(v).__name__))
+        out[k] = v.detach().to("cpu").contiguous()
+    # distinct views of one storage (tied or sliced weights) must not share memory in safetensors
+    ptrs = {}  # type: Dict[int, str]
+    for k, t in out.items():
+        if t.numel() == 0:
+            continue
+        p = t.untyped_storage().data_ptr()
+        if p in ptrs:
+            out[k] = t.clone()
+        else:
+            ptrs[p] = k
+    save_file(out, path, metadata=metadata)
+    _fsync_file(path)
+
+
+def _encode(obj: Any, where: str) -> Any:
+    """JSON-encode python state (tuples and non-string dict keys tagged so they decode back exactly)."""
+    if isinstance(obj, torch.Tensor):
+        raise DpftError("%s holds a tensor where JSON was expected; it cannot be saved as JSON." % where)
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(x, where) for x in obj]}
+    if isinstance(obj, list):
+        return [_encode(x, where) for x in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _encode(v, where) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, where), _encode(v, where)] for k, v in obj.items()]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
+    raise DpftError("%s holds a %s value, which dpft cannot save as JSON." % (where, type(obj).__name__))
+
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [_decode(x) for x in obj]
+    if isinstance(obj, dict):
+        if set(obj) == {"__tuple__"}:
+            return tuple(_decode(x) for x in obj["__tuple__"])
+        if set(obj) == {"__items__"}:
+            return {_decode(k): _decode(v) for k, v in obj["__items__"]}
+        return {k: _decode(v) for k, v in obj.items()}
+    return obj
+
+
+def split_optimizer_state(state: Mapping[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Optimizer ``state_dict`` -> (tensors ``{"state.<idx>.<name>": T}``, JSON-ready rest)."""
+    tensors = {}  # type: Dict[str, torch.Tensor]
+    scalars = {}  # type: Dict[str, Dict[str, Any]]
+    for idx, per_param in state.get("state", {}).items():
+        entry = {}  # type: Dict[str, Any]
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors["state.%s.%s" % (idx, name)] = value
+            else:
+                entry[name] = _encode(value, "optimizer state '%s.%s'" % (idx, name))
+        scalars[str(idx)] = entry
+    rest = {
+        "param_groups": _encode(list(state.get("param_groups", [])), "optimizer param_groups"),
+        "state": scalars,
+        "state_index_type": "int" if all(isinstance(i, int) for i in state.get("state", {})) else "str",
+    }
+    return tensors, rest
+
+
+def join_optimizer_state(tensors: Mapping[str, torch.Tensor], rest: Mapping[str, Any]) -> Dict[str, Any]:
+    """Inverse of :func:`split_optimizer_state`."""
+    as_int = rest.get("state_index_type", "int") == "int"
+    state = {}  # type: Dict[Any, Dict[str, Any]]
+    for idx, entry in rest.get("state", {}).items():
+        state[int(idx) if as_int else idx] = {k: _decode(v) for k, v in entry.items()}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx) if as_int else idx, {})[name] = value
+    return {"state": state, "param_groups": _decode(rest.get("param_groups", []))}
+
+
+def _save_training_state(directory: str, training_state: Mapping[str, Any]) -> None:
+    from dpft.rng import save_rng_state
+
+    os.makedirs(directory)
+    if training_state.get("optimizer") is not None:
+        tensors, rest = split_optimizer_state(training_state["optimizer"])
+        save_tensors(os.path.join(directory, "optimizer.safetensors"), tensors)
+        _write_json(os.path.join(directory, "optimizer.json"), rest)
+    if training_state.get("scheduler") is not None:
+        _write_json(os.path.join(directory, "scheduler.json"), _encode(training_state["scheduler"], "scheduler state"))
+    for rank, rng in enumerate(training_state.get("rng") or []):
+        name = "rng" if rank == 0 else "rng_rank%d" % rank
+        save_rng_state(directory, name=name, state=rng)
+        _fsync_file(os.path.join(directory, name + ".safetensors"))
+        _fsync_file(os.path.join(directory, name + ".json"))
+    step_info = dict(training_state.get("step") or {})
+    step_info["num_rng_states"] = len(training_state.get("rng") or [])
+    _write_json(os.path.join(directory, "step.json"), _encode(step_info, "step.json"))
+    _fsync_dir(directory)
+
+
+def save_checkpoint(
+    run_dir: str,
+    step: int,
+    model_state: Mapping[str, torch.Tensor],
+    ema_state: Optional[Mapping[str, torch.Tensor]],
+    normalizer: MinMaxNormalizer,
+    meta: Mapping[str, Any],
+    config_yaml: str,
+    training_state: Optional[Mapping[str, Any]] = None,
+    keep: int = 3,
+) -> str:
+    """Write ``RUN_DIR/checkpoints/step_XXXXXXXX`` atomically, point ``latest`` at it, prune old ones.
+
+    Args:
+        run_dir: the run directory (created if needed).
+        step: optimizer steps done.
+        model_state / ema_state: flat weight dicts (``model.state_dict()``); ``ema_state`` None = no EMA file.
+        normalizer: the run's :class:`MinMaxNormalizer`.
+        meta: JSON-ready metadata (policy type, obs keys/shapes, ...); ``step``, ``created``,
+            ``dpft_version`` and ``torch_version`` are added.
+        config_yaml: the resolved config as YAML text.
+        training_state: None for weights only, else a dict with ``"optimizer"``, ``"scheduler"`` (state
+            dicts), ``"rng"`` (list of :data:`dpft.rng.RngState`, one per DDP rank) and ``"step"`` (dict
+            written to step.json).
+        keep: newest checkpoints kept (0 = all).
+
+    Returns the checkpoint directory.
+    """
+    import dpft
+
+    ckpt_root = os.path.join(run_dir, CHECKPOINTS)
+    os.makedirs(ckpt_root, exist_ok=True)
+    name = step_dir_name(step)
+    final = os.path.join(ckpt_root, name)
+    tmp = os.path.join(ckpt_root, ".tmp-%s-%d" % (name, os.getpid()))
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        save_tensors(os.path.join(tmp, MODEL_FILE), model_state)
+        if ema_state is not None:
+            save_tensors(os.path.join(tmp, EMA_FILE), ema_state)
+        save_tensors(os.path.join(tmp, NORMALIZER_FILE), normalizer.state_dict())
+        full_meta = dict(meta)
+        full_meta.update({
+            "step": int(step),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "dpft_version": dpft.__version__,
+            "torch_version": torch.__version__,
+            "has_ema": ema_state is not None,
+        })
+        _write_json(os.path.join(tmp, META_FILE), _encode(full_meta, "meta.json"))
+        _write_text(os.path.join(tmp, CONFIG_FILE), config_yaml)
+        if training_state is not None:
+            _save_training_state(os.path.join(tmp, TRAINING_STATE), training_state)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(final):  # re-saving the same step (e.g. the final step after a resume at it)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+    write_text_atomic(os.path.join(ckpt_root, LATEST), name + "\n")
+    if keep and keep > 0:
+        prune_checkpoints(run_dir, keep)
+    return final
+
+
+def list_checkpoints(run_dir: str) -> List[str]:
+    """Complete checkpoint directories of a run, oldest first (by step)."""
+    root = _checkpoints_root(run_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for entry in os.listdir(root):
+        m = _STEP_RE.match(entry)
+        if m and os.path.isdir(os.path.join(root, entry)):
+            found.append((int(m.group(1)), os.path.join(root, entry)))
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(run_dir: str, keep: int) -> List[str]:
+    """Delete all but the newest ``keep`` checkpoints; returns the deleted directories."""
+    ckpts = list_checkpoints(run_dir)
+    doomed = ckpts[:-keep] if keep > 0 else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def clean_stale_tmp(run_dir: str) -> List[str]:
+    """Remove ``.tmp-step_*`` directories left by crashed writers (whose process no longer runs)."""
+    root = _checkpoints_root(run_dir)
+    removed = []
+    if not os.path.isdir(root):
+        return removed
+    for entry in os.listdir(root):
+        m = _TMP_RE.match(entry)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: exists but belongs to someone else
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- finding
+def _checkpoints_root(run_dir: str) -> str:
+    return run_dir if os.path.basename(os.path.normpath(run_dir)) == CHECKPOINTS else os.path.join(run_dir, CHECKPOINTS)
+
+
+def find_latest(run_dir: str) -> Optional[str]:
+    """The newest complete checkpoint of ``run_dir`` (RUN_DIR or RUN_DIR/checkpoints), or None.
+
+    ``step_*`` directories only appear complete (atomic rename), so the highest step wins; ``latest``
+    names the same directory except after a crash between the rename and its update.
+    """
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META_FILE)) or os.path.isfile(os.path.join(path, MODEL_FILE))
+
+
+def resolve_checkpoint(path: Any) -> str:
+    """A checkpoint directory from RUN_DIR, RUN_DIR/checkpoints or a ``step_*`` directory (DpftError if none)."""
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.exists(path):
+        raise DpftError("Checkpoint path '%s' does not exist; pass a run directory (out=...), its checkpoints/ "
+                        "folder or a checkpoints/step_XXXXXXXX directory." % path)
+    if not os.path.isdir(path):
+        raise DpftError("Checkpoint path '%s' is a file; pass a run directory or a checkpoints/step_XXXXXXXX "
+                        "directory (dpft checkpoints are directories)." % path)
+    if is_checkpoint_dir(path):
+        return path
+    root = _checkpoints_root(path)
+    if os.path.isdir(root):
+        latest = find_latest(path)
+        if latest is None:
+            raise DpftError("Run directory '%s' has no complete checkpoint in %s (no step_XXXXXXXX directory); "
+                            "the run was stopped before its first save." % (path, root))
+        return latest
+    raise DpftError("'%s' is neither a dpft run directory (no checkpoints/ folder) nor a checkpoint directory "
+                    "(no %s or %s)." % (path, META_FILE, MODEL_FILE))
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_tensors(path: str) -> Dict[str, torch.Tensor]:
+    """Load a safetensors file to CPU tensors (DpftError naming a missing or damaged file)."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise DpftError("Checkpoint file '%s' is missing; the checkpoint is incomplete or was moved." % path)
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # SafetensorError, OSError, ValueError on truncated or foreign files
+        raise DpftError("Checkpoint file '%s' cannot be read as safetensors (%s); the file is damaged."
+                        % (path, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+
+
+def read_json(path: str) -> Any:
+    """Load a JSON file (DpftError naming a missing or damaged file)."""
+    if not os.path.isfile(path):
+        raise DpftError("Checkpoint file '%s' is missing; the checkpoint is incomplete or was moved." % path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise DpftError("Checkpoint file '%s' is not valid JSON (%s); the file is damaged." % (path, e)) from None
+
+
+def _read_text(path: str) -> str:
+    if not os.path.isfile(path):
+        raise DpftError("Checkpoint file '%s' is missing; the checkpoint is incomplete or was moved." % path)
+    with open(path) as f:
+        return f.read()
+
+
+def load_training_state(ckpt_dir: str) -> Dict[str, Any]:
+    """Read ``training_state/`` of a checkpoint (see :class:`Checkpoint`)."""
+    from dpft.rng import read_rng_state
+
+    d = os.path.join(ckpt_dir, TRAINING_STATE)
+    if not os.path.isdir(d):
+        raise DpftError("Checkpoint '%s' has no %s/ folder (it holds weights only), so training cannot resume "
+                        "from it." % (ckpt_dir, TRAINING_STATE))
+    step_info = _decode(read_json(os.path.join(d, "step.json")))
+    out = {"step": step_info, "optimizer": None, "scheduler": None, "rng": []}  # type: Dict[str, Any]
+    if os.path.exists(os.path.join(d, "optimizer.json")) or os.path.exists(os.path.join(d, "optimizer.safetensors")):
+        out["optimizer"] = join_optimizer_state(read_tensors(os.path.join(d, "optimizer.safetensors")),
+                                                read_json(os.path.join(d, "optimizer.json")))
+    if os.path.exists(os.path.join(d, "scheduler.json")):
+        out["scheduler"] = _decode(read_json(os.path.join(d, "scheduler.json")))
+    rngs = []  # type: List[RngState]
+    for rank in range(int(step_info.get("num_rng_states", 0))):
+        rngs.append(read_rng_state(d, "rng" if rank == 0 else "rng_rank%d" % rank))
+    out["rng"] = rngs
+    return out
+
+
+def load_checkpoint(path: Any, training_state: bool = False, ema: bool = True) -> Checkpoint:
+    """Load a checkpoint from RUN_DIR, RUN_DIR/checkpoints or a step directory (safetensors + JSON only).
+
+    Args:
+        training_state: also read ``training_state/`` (needed to resume).
+        ema: read ``ema.safetensors`` (when the checkpoint has it).
+    """
+    d = resolve_checkpoint(path)
+    meta = read_json(os.path.join(d, META_FILE))
+    if not isinstance(meta, dict):
+        raise DpftError("Checkpoint file '%s' must hold a JSON object." % os.path.join(d, META_FILE))
+    meta = _decode(meta)
+    config_yaml = _read_text(os.path.join(d, CONFIG_FILE))
+    model_state = read_tensors(os.path.join(d, MODEL_FILE))
+    ema_state = None
+    if ema and (meta.get("has_ema", True) or os.path.isfile(os.path.join(d, EMA_FILE))):
+        ema_state = read_tensors(os.path.join(d, EMA_FILE))
+    norm_path = os.path.join(d, NORMALIZER_FILE)
+    try:
+        normalizer = MinMaxNormalizer.from_state_dict(read_tensors(norm_path))
+    except DpftError as e:
+        raise DpftError("Checkpoint file '%s' holds invalid normalizer statistics: %s" % (norm_path, e)) from None
+    step = meta.get("step")
+    if step is None:
+        m = _STEP_RE.match(os.path.basename(d))
+        step = int(m.group(1)) if m else 0
+    ts = load_training_state(d) if training_state else None
+    return Checkpoint(dir=d, step=int(step), meta=meta, config_yaml=config_yaml, model_state=model_state,
+                      ema_state=ema_state, normalizer=normalizer, training_state=ts)
+
+
+def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state)`` that lists missing/unexpected keys and shape mismatches in a DpftError."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise DpftError(
+            "Weights in %s do not match the model built from the checkpoint's config: %d missing key(s) %s, "
+            "%d unexpected key(s) %s. The checkpoint was written by a different model definition or dpft "
+            "version." % (source, len(missing), missing[:10], len(unexpected), unexpected[:10])
+        )
+    bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
+           if tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        desc = ", ".join("%s: saved %s vs model %s" % b for b in bad[:10])
+        raise DpftError("Weights in %s have shapes that differ from the model built from the config: %s."
+                        % (source, desc))
+    model.load_state_dict(dict(state), strict=True)
+
+
+__all__ = [
+    "Checkpoint", "save_checkpoint", "load_checkpoint", "load_training_state", "load_state_strict",
+    "find_latest", "list_checkpoints", "resolve_checkpoint", "prune_checkpoints", "clean_stale_tmp",
+    "step_dir_name", "write_text_atomic", "save_tensors", "read_tensors", "read_json",
+    "split_optimizer_state", "join_optimizer_state", "is_checkpoint_dir",
+]

@@ -1,0 +1,247 @@
+"""Policy: a trained model with its normalizer and metadata, acting on raw observations.
+
+    policy = dpft.load_policy("runs/can")                 # EMA weights of the newest checkpoint
+    actions = policy.act(obs)                             # np.ndarray (B, act_steps, Da), unnormalized
+
+``obs`` is a dict of raw arrays keyed by the checkpoint's observation keys (``policy.meta["obs_keys"]``),
+each ``(B, To, *shape)`` (``To = cond_steps``, the current observation last), or ``(B, *shape)`` when
+``cond_steps == 1``; low-dim shapes are ``(d,)``, images uint8 ``(H, W, C)`` as robomimic stores them.
+Extra keys are ignored. A policy without cameras also takes the concatenated low-dim vector directly:
+``(B, To, Do)`` (or ``(B, Do)`` when ``cond_steps == 1``).
+
+Processing: low-dim keys are concatenated in ``meta["low_dim_keys"]`` order and min-max normalized with
+the checkpoint's statistics (``"state"``), images stay uint8, the model samples a normalized chunk
+``(B, Ta, Da)`` under ``torch.no_grad`` in eval mode, and ``"action"`` is unnormalized. :meth:`Policy.act`
+returns the first ``act_steps`` actions, :meth:`Policy.predict_chunk` all ``horizon_steps``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpft.errors import DpftError
+from dpft.normalization import MinMaxNormalizer
+
+WEIGHTS = ("ema", "model")
+_REQUIRED_META = ("obs_keys", "low_dim_keys", "image_keys", "obs_shapes", "obs_dim", "action_dim",
+                  "horizon_steps", "cond_steps", "act_steps")
+
+ObsLike = Union[Mapping[str, Any], np.ndarray, torch.Tensor]
+
+
+def _resolve_device(device: Union[str, torch.device]) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DpftError("device=%r is not a torch device; expected cpu, cuda, cuda:N or auto." % (device,)) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DpftError("device=%s was requested but CUDA is not available; use device='cpu'." % (device,))
+    return dev
+
+
+def _as_array(x: Any, key: str) -> Union[np.ndarray, torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    try:
+        return np.ascontiguousarray(x)
+    except Exception:  # ragged lists and odd objects
+        raise DpftError("Observation '%s' cannot be turned into an array (got %s)." % (key, type(x).__name__)) from None
+
+
+class Policy:
+    """Normalizer + model + metadata. Build with :func:`load_policy`.
+
+    Attributes:
+        model: the ``DiffusionModel`` / ``GaussianModel`` (eval mode, on ``device``).
+        normalizer: the checkpoint's :class:`~dpft.normalization.MinMaxNormalizer`.
+        meta: the checkpoint's meta.json (obs keys/shapes, ``action_dim``, horizons, ``env_args``, ...).
+        weights: ``"ema"`` or ``"model"`` (the weights actually loaded).
+        checkpoint_dir: the checkpoint it came from (None when built in memory).
+        config: the run's config (DictConfig) when loaded from a checkpoint.
+    """
+
+    def __init__(self, model: nn.Module, normalizer: MinMaxNormalizer, meta: Mapping[str, Any],
+                 weights: str = "ema", checkpoint_dir: Optional[str] = None, config: Any = None,
+                 device: Union[str, torch.device] = "cpu"):
+        missing = [k for k in _REQUIRED_META if k not in meta]
+        if missing:
+            raise DpftError("Policy metadata%s lacks %s; the checkpoint's meta.json was not written by dpft "
+                            "pretrain." % ((" of " + checkpoint_dir) if checkpoint_dir else "", missing))
+        self.meta = dict(meta)
+        self.normalizer = normalizer
+        self.weights = weights
+        self.checkpoint_dir = checkpoint_dir
+        self.config = config
+        self.device = _resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.obs_keys = [str(k) for k in self.meta["obs_keys"]]
+        self.low_dim_keys = [str(k) for k in self.meta["low_dim_keys"]]
+        self.image_keys = [str(k) for k in self.meta["image_keys"]]
+        self.obs_shapes = {str(k): tuple(int(s) for s in v) for k, v in self.meta["obs_shapes"].items()}
+        self.obs_dim = int(self.meta["obs_dim"])
+        self.action_dim = int(self.meta["action_dim"])
+        self.horizon_steps = int(self.meta["horizon_steps"])
+        self.cond_steps = int(self.meta["cond_steps"])
+        self.act_steps = int(self.meta["act_steps"])
+
+    # ------------------------------------------------------------------ observations
+    def _check_batch(self, b: Optional[int], key: str, arr_b: int) -> int:
+        if b is not None and arr_b != b:
+            raise DpftError("Observation '%s' has batch size %d but earlier keys have %d; all keys need the same "
+                            "batch size B." % (key, arr_b, b))
+        return arr_b
+
+    def _history(self, x: Union[np.ndarray, torch.Tensor], key: str,
+                 shape: Tuple[int, ...]) -> Union[np.ndarray, torch.Tensor]:
+        """``(B, To, *shape)`` from ``(B, To, *shape)`` or (cond_steps == 1) ``(B, *shape)``."""
+        to = self.cond_steps
+        got = tuple(x.shape)
+        alts = [shape]
+        if shape == (1,):
+            alts.append(())  # a 1-D dataset per step may come without its trailing axis
+        for s in alts:
+            if len(got) == 2 + len(s) and got[1] == to and got[2:] == s:
+                return x.reshape(got[:2] + shape)
+            if to == 1 and len(got) == 1 + len(s) and got[1:] == s:
+                return x.reshape((got[0], 1) + shape)
+        allowed = "(B, %d, %s)" % (to, ", ".join(str(s) for s in shape))
+        if to == 1:
+            allowed += " or (B, %s)" % ", ".join(str(s) for s in shape)
+        raise DpftError("Observation '%s' has shape %s; expected %s (B = batch, cond_steps = %d observations, "
+                        "current one last)." % (key, got, allowed, to))
+
+    def normalize_obs(self, obs: ObsLike) -> Dict[str, torch.Tensor]:
+        """Raw observations -> the model's input dict on the policy's device.
+
+        Returns ``{"state": float32 (B, To, Do) normalized, <image key>: uint8 (B, To, H, W, C)}``
+        (``"state"`` absent when the policy has no low-dim keys).
+        """
+        to = self.cond_steps
+        out = {}  # type: Dict[str, torch.Tensor]
+        if not isinstance(obs, Mapping):
+            if self.image_keys:
+                raise DpftError("This policy observes cameras %s, so obs must be a dict keyed by %s, not a bare "
+                                "array." % (self.image_keys, self.obs_keys))
+            state = self._history(_as_array(obs, "state"), "state", (self.obs_dim,))
+            out["state"] = self._state_tensor(state)
+            return out
+        missing = [k for k in self.obs_keys if k not in obs]
+        if missing:
+            raise DpftError("Observation key(s) %s missing: the policy needs %s and got %s."
+                            % (missing, self.obs_keys, sorted(str(k) for k in obs)))
+        b = None  # type: Optional[int]
+        parts = []
+        for key in self.low_dim_keys:
+            shape = self.obs_shapes[key]
+            x = self._history(_as_array(obs[key], key), key, shape)
+            b = self._check_batch(b, key, int(x.shape[0]))
+            x = x.reshape(x.shape[0], to, -1)
+            parts.append(torch.as_tensor(x) if isinstance(x, np.ndarray) else x)
+        if parts:
+            state = torch.cat([p.to(torch.float32) for p in parts], dim=-1)
+            out["state"] = self._state_tensor(state)
+        for key in self.image_keys:
+            shape = self.obs_shapes[key]
+            x = self._history(_as_array(obs[key], key), key, shape)
+            b = self._check_batch(b, key, int(x.shape[0]))
+            t = torch.as_tensor(x) if isinstance(x, np.ndarray) else x
+            if t.dtype != torch.uint8:
+                raise DpftError("Image observation '%s' has dtype %s; expected uint8 (H, W, C) = %s as robomimic "
+                                "stores them." % (key, str(t.dtype).replace("torch.", ""), shape))
+            out[key] = t.to(self.device)
+        return out
+
+    def _state_tensor(self, state: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+        t = torch.as_tensor(state) if isinstance(state, np.ndarray) else state
+        t = t.to(device=self.device, dtype=torch.float32)
+        if self.obs_dim > 0:
+            t = self.normalizer.normalize("state", t)
+        return t
+
+    # ------------------------------------------------------------------ acting
+    @torch.no_grad()
+    def predict_chunk(self, obs: ObsLike, deterministic: bool = True,
+                      generator: Optional[torch.Generator] = None) -> np.ndarray:
+        """The whole predicted chunk, unnormalized: ``np.ndarray float32 (B, horizon_steps, Da)``."""
+        model_obs = self.normalize_obs(obs)
+        self.model.eval()
+        actions, _ = self.model.sample(model_obs, deterministic=deterministic, generator=generator)
+        actions = self.normalizer.unnormalize("action", actions)
+        return actions.detach().to("cpu", torch.float32).numpy()
+
+    def act(self, obs: ObsLike, deterministic: bool = True,
+            generator: Optional[torch.Generator] = None) -> np.ndarray:
+        """Actions to execute: the first ``act_steps`` of the chunk, ``np.ndarray float32 (B, act_steps, Da)``."""
+        return self.predict_chunk(obs, deterministic, generator)[:, : self.act_steps]
+
+    def describe(self) -> Dict[str, Any]:
+        """What is being evaluated (for rollout result files): weights, checkpoint, step, policy, horizons."""
+        return {
+            "weights": self.weights,
+            "checkpoint": self.checkpoint_dir,
+            "step": self.meta.get("step"),
+            "policy": self.meta.get("policy"),
+            "horizon_steps": self.horizon_steps,
+            "act_steps": self.act_steps,
+            "cond_steps": self.cond_steps,
+            "obs_keys": list(self.obs_keys),
+        }
+
+    def __repr__(self) -> str:
+        return ("Policy(%s, weights=%s, step=%s, obs_keys=%s, action_dim=%d, horizon_steps=%d, act_steps=%d, "
+                "cond_steps=%d, device=%s)" % (self.meta.get("policy"), self.weights, self.meta.get("step"),
+                                               self.obs_keys, self.action_dim, self.horizon_steps, self.act_steps,
+                                               self.cond_steps, self.device))
+
+
+def build_model_from_meta(config: Any, meta: Mapping[str, Any]) -> nn.Module:
+    """Rebuild the (untrained) policy model of a run from its config and meta.json.
+
+    The global torch RNG is left untouched (initialization runs inside ``torch.random.fork_rng``).
+    """
+    from dpft.models import build_policy_model
+
+    with torch.random.fork_rng(devices=[]):
+        return build_policy_model(config.policy, meta["obs_shapes"], int(meta["obs_dim"]), list(meta["image_keys"]),
+                                  int(meta["action_dim"]), int(meta["horizon_steps"]), int(meta["cond_steps"]))
+
+
+def load_policy(path: Any, weights: str = "ema", device: Union[str, torch.device] = "cpu") -> Policy:
+    """Rebuild a :class:`Policy` from a run directory, its ``checkpoints/`` folder or a checkpoint directory.
+
+    Args:
+        path: RUN_DIR (newest checkpoint), RUN_DIR/checkpoints or RUN_DIR/checkpoints/step_XXXXXXXX.
+        weights: ``"ema"`` (default; falls back to the live weights, with ``policy.weights == "model"``,
+            when the run had ``ema_decay=0``) or ``"model"``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+    """
+    from dpft.checkpoint import EMA_FILE, MODEL_FILE, load_checkpoint, load_state_strict
+    from dpft.config import PretrainConfig, from_yaml_text
+
+    if weights not in WEIGHTS:
+        raise DpftError("weights=%r is not known; expected 'ema' (the EMA average, default) or 'model' (the live "
+                        "training weights)." % (weights,))
+    ckpt = load_checkpoint(path, training_state=False, ema=weights == "ema")
+    missing = [k for k in _REQUIRED_META if k not in ckpt.meta]
+    if missing:
+        raise DpftError("Checkpoint file '%s' lacks %s; it was not written by dpft pretrain."
+                        % (os.path.join(ckpt.dir, "meta.json"), missing))
+    config = from_yaml_text(ckpt.config_yaml, PretrainConfig, source=os.path.join(ckpt.dir, "config.yaml"))
+    model = build_model_from_meta(config, ckpt.meta)
+    used = weights
+    if weights == "ema" and ckpt.ema_state is not None:
+        load_state_strict(model, ckpt.ema_state, os.path.join(ckpt.dir, EMA_FILE))
+    else:
+        used = "model"
+        load_state_strict(model, ckpt.model_state, os.path.join(ckpt.dir, MODEL_FILE))
+    return Policy(model, ckpt.normalizer, ckpt.meta, weights=used, checkpoint_dir=ckpt.dir, config=config,
+                  device=device)
+
+
+__all__ = ["Policy", "load_policy", "build_model_from_meta", "WEIGHTS"]
