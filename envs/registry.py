@@ -1,0 +1,132 @@
+"""Build an :class:`envs.base.Env` from robomimic ``env_args`` (what a dataset or checkpoint stores).
+
+``env_args["type"]`` picks the backend, as in robomimic's EnvType: ``1`` robosuite (:class:`RobosuiteEnv`; robosuite
+<= 1.4 configs of published datasets are converted automatically), ``2`` gymnasium MuJoCo (:class:`GymEnv`).
+FurnitureBench (``"furniture"``) is GPU-batched and has its own constructor, ``envs.furniture.make_furniture_env``.
+
+Worker processes of the vector env receive an :class:`EnvFactory` (plain data, picklable) and call it to build
+their env, so no simulator or GL context ever crosses a process boundary.
+
+Example::
+
+    from envs.registry import env_args_for_task, make_env, EnvFactory
+    env = make_env(env_args_for_task("lift"), obs_keys=["robot0_eef_pos", "object"])
+    factory = EnvFactory(env_args_for_task("hopper"), kwargs={"max_episode_steps": 1000})
+    env2 = factory()
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from dpft.errors import DpftError
+from envs.base import Env
+
+#: robomimic EnvType values handled here
+ENV_TYPES = {1: "robosuite", 2: "gym"}
+
+#: keyword arguments every adapter accepts (besides env_args and obs_keys)
+ENV_KWARGS = ("max_episode_steps", "terminate_on_success", "render_size", "render_camera", "render")
+
+
+def _env_type(env_args: Any) -> Any:
+    if not isinstance(env_args, dict):
+        raise DpftError("env_args must be a dict like {{'env_name': 'Lift', 'type': 1, 'env_kwargs': {{...}}}} "
+                        "(robomimic env metadata), got {}.".format(type(env_args).__name__))
+    if "type" not in env_args:
+        raise DpftError("env_args has no 'type' (1 = robosuite, 2 = gym, 'furniture'); keys present: {}.".format(
+            ", ".join(sorted(env_args)) or "none"))
+    env_type = env_args["type"]
+    if isinstance(env_type, bool) or not isinstance(env_type, (int, str)):
+        raise DpftError("env_args['type'] must be 1 (robosuite), 2 (gym) or 'furniture', got {!r}.".format(env_type))
+    if isinstance(env_type, str) and env_type.strip().isdigit():
+        env_type = int(env_type)
+    return env_type
+
+
+def make_env(env_args: Dict[str, Any], obs_keys: Optional[List[str]] = None, **kwargs: Any) -> Env:
+    """Build one environment from robomimic ``env_args``.
+
+    Args:
+        env_args: ``{"env_name", "type", "env_kwargs"}`` (from a dataset's ``data.attrs["env_args"]``, a checkpoint's
+            meta, or :func:`env_args_for_task`).
+        obs_keys: observation keys to return (None = all the env produces).
+        **kwargs: ``max_episode_steps``, ``terminate_on_success``, ``render_size``, ``render_camera``, ``render``
+            (a value of None means the adapter's default).
+
+    Raises:
+        DpftError: unknown type or env name, FurnitureBench (built elsewhere), unknown keyword.
+    """
+    unknown = [k for k in kwargs if k not in ENV_KWARGS]
+    if unknown:
+        raise DpftError("make_env(): unknown keyword(s) {}; accepted: {}.".format(
+            ", ".join(repr(k) for k in unknown), ", ".join(ENV_KWARGS)))
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None = the adapter's default
+    env_type = _env_type(env_args)
+    if env_type in ENV_TYPES and env_args["type"] != env_type:
+        env_args = dict(env_args, type=env_type)  # "1" -> 1
+    if env_type == 1:
+        from envs.robosuite_env import RobosuiteEnv
+
+        return RobosuiteEnv(env_args, obs_keys=obs_keys, **kwargs)
+    if env_type == 2:
+        from envs.gym_env import GymEnv
+
+        return GymEnv(env_args, obs_keys=obs_keys, **kwargs)
+    if env_type == "furniture":
+        raise DpftError(
+            "FurnitureBench environments are GPU-batched (Isaac Gym, many envs in one process) and are built with "
+            "envs.furniture.make_furniture_env(...), which returns a BatchedEnv; make_env() builds single envs only."
+        )
+    raise DpftError("Unknown env_args['type'] {!r}; supported: 1 (robosuite), 2 (gym), 'furniture' "
+                    "(envs.furniture.make_furniture_env).".format(env_args.get("type")))
+
+
+def env_args_for_task(task: str, image_obs: bool = False) -> Dict[str, Any]:
+    """``env_args`` for a task name: robosuite ``lift``, ``can``, ``square``, ``transport`` or gym ``hopper``,
+    ``walker2d``, ``halfcheetah`` (robosuite / gymnasium ids such as ``Lift`` or ``Hopper-v5`` work too)."""
+    from envs.gym_env import GYM_TASKS, default_gym_env_args
+    from envs.robosuite_env import TASKS
+
+    if isinstance(task, str):
+        low = task.lower()
+        if low in TASKS or low in (v.lower() for v in TASKS.values()):
+            from envs.robosuite_env import default_env_args
+
+            return default_env_args(task, image_obs=image_obs)
+        if low in GYM_TASKS or low in (v.lower() for v in GYM_TASKS.values()):
+            if image_obs:
+                raise DpftError("Gym task {!r} has state observations only; image_obs=True is not available.".format(
+                    task))
+            return default_gym_env_args(task)
+    raise DpftError("Unknown task {!r}; robosuite tasks: {}; gym tasks: {}.".format(
+        task, ", ".join(TASKS), ", ".join(GYM_TASKS)))
+
+
+@dataclass
+class EnvFactory:
+    """Picklable recipe for one env: ``EnvFactory(env_args, obs_keys, kwargs)()`` calls :func:`make_env`.
+
+    Attributes:
+        env_args: robomimic env metadata.
+        obs_keys: observation keys (None = all).
+        kwargs: keyword arguments of :func:`make_env` (``max_episode_steps``, ``render``, ...).
+    """
+
+    env_args: Dict[str, Any]
+    obs_keys: Optional[List[str]] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _env_type(self.env_args)  # fail early, in the parent process
+        unknown = [k for k in self.kwargs if k not in ENV_KWARGS]
+        if unknown:
+            raise DpftError("EnvFactory: unknown keyword(s) {}; accepted: {}.".format(
+                ", ".join(repr(k) for k in unknown), ", ".join(ENV_KWARGS)))
+        self.env_args = copy.deepcopy(self.env_args)
+        self.obs_keys = None if self.obs_keys is None else list(self.obs_keys)
+        self.kwargs = dict(self.kwargs)
+
+    def __call__(self) -> Env:
+        return make_env(self.env_args, obs_keys=self.obs_keys, **self.kwargs)
