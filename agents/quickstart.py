@@ -79,12 +79,12 @@ def parse_quickstart_args(args: List[str]) -> Dict[str, Any]:
 
 
 def _complete_checkpoint_step(run_dir: str) -> int:
-    from dpft.checkpoint import find_latest, load_checkpoint_meta
+    from dpft.checkpoint import find_latest, read_json
 
     latest = find_latest(run_dir)
     if latest is None:
         return -1
-    return int(load_checkpoint_meta(latest).get("step", -1))
+    return int(read_json(os.path.join(latest, "meta.json")).get("step", -1))
 
 
 def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise: float = DEFAULTS["noise"],

@@ -426,6 +426,9 @@ class RobosuiteEnv(Env):
         kw.update(_FORCED_KWARGS)
         kw["has_offscreen_renderer"] = needs_gl
         kw["use_camera_obs"] = use_camera
+        # robosuite draws construction-time randomness (e.g. Lift's cube size) from env.rng: seed it so every
+        # instance built from the same env_args is the same task (reset(seed) reseeds episodes afterwards).
+        kw.setdefault("seed", 0)
         self.env_args = args
         if max_episode_steps is None:
             if self.env_name not in DEFAULT_MAX_EPISODE_STEPS:
