@@ -36,5 +36,14 @@ def system_report() -> str:
     for name in ("numpy", "diffusers", "hydra-core", "h5py", "safetensors", "mujoco", "robosuite", "gymnasium",
                  "imageio-ffmpeg", "wandb", "furniture-bench", "isaacgym"):
         lines.append(f"{name:<11} {_version(name)}")
-    lines.append(f"MUJOCO_GL   {os.environ.get('MUJOCO_GL', '(unset: dpft picks egl, then osmesa)')}")
+    user_gl = os.environ.get("MUJOCO_GL")
+    try:
+        from envs.render import rendering_info, setup_rendering
+
+        backend = setup_rendering(require=False)
+        renderer = rendering_info().get("gl_renderer") or "unknown"
+        lines.append(f"rendering   {backend or 'platform default'} (GL_RENDERER: {renderer}; "
+                     f"MUJOCO_GL was {user_gl or 'unset'})")
+    except Exception as e:  # rendering is optional for `dpft info`
+        lines.append(f"rendering   unavailable ({e})")
     return "\n".join(lines)
