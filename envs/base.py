@@ -121,3 +121,18 @@ class BatchedEnv:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def resolve_task_name(task: str, tasks: Dict[str, str], kind: str) -> str:
+    """The simulator's env name for a short task name (``"lift"``) or one of the names in ``tasks`` itself
+    (case-insensitive); :class:`DpftError` listing the known tasks otherwise."""
+    from dpft.errors import DpftError
+
+    if isinstance(task, str):
+        if task.lower() in tasks:
+            return tasks[task.lower()]
+        for name in tasks.values():
+            if task.lower() == name.lower():
+                return name
+    raise DpftError("Unknown {} task {!r}; known tasks: {}.".format(
+        kind, task, ", ".join("{} ({})".format(k, v) for k, v in tasks.items())))

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from dpft.errors import DpftError
-from envs.base import Env, ObsDict
+from envs.base import Env, ObsDict, resolve_task_name
 from envs.render import setup_rendering
 
 #: short task name -> gymnasium id
@@ -43,14 +43,7 @@ def _import_gymnasium():
 
 def gym_env_name(task: str) -> str:
     """gymnasium id for a short task name (``"hopper"``) or an id among :data:`GYM_TASKS` (``"Hopper-v5"``)."""
-    if isinstance(task, str):
-        if task.lower() in GYM_TASKS:
-            return GYM_TASKS[task.lower()]
-        for name in GYM_TASKS.values():
-            if task.lower() == name.lower():
-                return name
-    raise DpftError("Unknown gym task {!r}; known tasks: {}.".format(
-        task, ", ".join("{} ({})".format(k, v) for k, v in GYM_TASKS.items())))
+    return resolve_task_name(task, GYM_TASKS, "gym")
 
 
 def default_gym_env_args(task: str) -> Dict[str, Any]:

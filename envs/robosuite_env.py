@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dpft.errors import DpftError
-from envs.base import Env, ObsDict
+from envs.base import Env, ObsDict, resolve_task_name
 from envs.render import setup_rendering
 
 logger = logging.getLogger(__name__)
@@ -137,16 +137,7 @@ def _version_tuple(version: Any) -> Tuple[int, ...]:
 
 def task_env_name(task: str) -> str:
     """robosuite env name for a short task name (``"lift"``) or a robosuite name among :data:`TASKS`."""
-    if isinstance(task, str):
-        if task.lower() in TASKS:
-            return TASKS[task.lower()]
-        for name in TASKS.values():
-            if task.lower() == name.lower():
-                return name
-    raise DpftError(
-        "Unknown robosuite task {!r}; known tasks: {}.".format(
-            task, ", ".join("{} ({})".format(k, v) for k, v in TASKS.items()))
-    )
+    return resolve_task_name(task, TASKS, "robosuite")
 
 
 def default_env_args(task: str, image_obs: bool = False,

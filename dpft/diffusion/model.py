@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from dpft.diffusion.schedule import DiffusionSchedule, StepIndex
 from dpft.errors import DpftError
+from dpft.models.mlp import check_action_chunk
 
 
 def _randn(shape: Sequence[int], generator: Optional[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
@@ -225,15 +226,6 @@ class DiffusionModel(nn.Module):
         return cond.base
 
     # ------------------------------------------------------------------ training
-    def _check_actions(self, actions: torch.Tensor, what: str) -> None:
-        want = (self.horizon_steps, self.action_dim)
-        if actions.dim() != 3 or tuple(actions.shape[1:]) != want or not actions.is_floating_point():
-            raise DpftError(
-                "{} must be float (B, horizon_steps={}, action_dim={}), got dtype {} shape {}.".format(
-                    what, want[0], want[1], actions.dtype, tuple(actions.shape)
-                )
-            )
-
     def loss(
         self, batch: Mapping[str, object], generator: Optional[torch.Generator] = None
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -245,7 +237,7 @@ class DiffusionModel(nn.Module):
         if "obs" not in batch or "actions" not in batch:
             raise DpftError("A training batch needs keys 'obs' and 'actions', got {}.".format(sorted(batch)))
         x0 = batch["actions"]
-        self._check_actions(x0, "batch['actions']")
+        check_action_chunk(self.horizon_steps, self.action_dim, x0, "batch['actions']")
         cond = self.obs_encoder(batch["obs"], generator=generator, augment=self.training)
         b = x0.shape[0]
         t = _randint(self.denoising_steps, (b,), generator, x0.device)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from dpft.errors import DpftError
+from dpft.models.mlp import check_action_chunk
 from dpft.models.mlp import MLP
 
 
@@ -100,15 +101,6 @@ class GaussianModel(nn.Module):
             mean = torch.tanh(mean)
         return Normal(mean, self.std().expand_as(mean))
 
-    def _check_actions(self, actions: torch.Tensor, what: str) -> None:
-        want = (self.horizon_steps, self.action_dim)
-        if actions.dim() != 3 or tuple(actions.shape[1:]) != want or not actions.is_floating_point():
-            raise DpftError(
-                "{} must be float (B, horizon_steps={}, action_dim={}), got dtype {} shape {}.".format(
-                    what, want[0], want[1], actions.dtype, tuple(actions.shape)
-                )
-            )
-
     def loss(
         self, batch: Mapping[str, object], generator: Optional[torch.Generator] = None
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -120,7 +112,7 @@ class GaussianModel(nn.Module):
         if "obs" not in batch or "actions" not in batch:
             raise DpftError("A training batch needs keys 'obs' and 'actions', got {}.".format(sorted(batch)))
         actions = batch["actions"]
-        self._check_actions(actions, "batch['actions']")
+        check_action_chunk(self.horizon_steps, self.action_dim, actions, "batch['actions']")
         dist = self.distribution(batch["obs"], generator=generator, augment=self.training)
         nll = -dist.log_prob(actions).mean()
         with torch.no_grad():
@@ -157,7 +149,7 @@ class GaussianModel(nn.Module):
         self, obs: Mapping[str, torch.Tensor], actions: torch.Tensor, cond: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """``log pi(actions | obs)`` summed over ``(Ta, Da)``: ``(B,)``."""
-        self._check_actions(actions, "actions")
+        check_action_chunk(self.horizon_steps, self.action_dim, actions, "actions")
         return self.distribution(obs, cond=cond).log_prob(actions).sum(dim=(1, 2))
 
     def entropy(self) -> torch.Tensor:

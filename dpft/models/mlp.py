@@ -140,3 +140,14 @@ class ResidualMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in_dim) -> (..., out_dim)``."""
         return self.output_layer(self.out_act(self.blocks(self.input_layer(x))))
+
+
+def check_action_chunk(horizon_steps: int, action_dim: int, actions: torch.Tensor, what: str) -> None:
+    """Raise :class:`DpftError` unless ``actions`` is a float ``(B, horizon_steps, action_dim)`` tensor."""
+    want = (horizon_steps, action_dim)
+    if actions.dim() != 3 or tuple(actions.shape[1:]) != want or not actions.is_floating_point():
+        raise DpftError(
+            "{} must be float (B, horizon_steps={}, action_dim={}), got dtype {} shape {}.".format(
+                what, want[0], want[1], actions.dtype, tuple(actions.shape)
+            )
+        )
