@@ -553,6 +553,12 @@ class RobosuiteEnv(Env):
             self._make_gl_current()
         raw, reward, _, info = self.env.step(a)
         self.elapsed_steps += 1
+        if not self._use_camera:
+            # robosuite samples observations before the kinematics of the last physics sub-step are recomputed
+            # (positions lag the joint state by ~0.5 mm); robomimic datasets (and `dpft demos`) hold observations
+            # of each stored state. Refresh (mj_forward changes no state) so evaluation sees what training saw.
+            self.env.sim.forward()
+            raw = self._fresh_raw_obs()
         success = self.is_success()
         info = dict(info or {})
         info["success"] = success
