@@ -119,7 +119,7 @@ def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise
         print(f"[2/3] pretraining: {steps} steps -> {run}")
         pretrain(compose("pretrain", overrides))
     print(f"[3/3] rollout: {episodes} Lift episodes with the EMA weights")
-    result = rollout_checkpoint(run, episodes=episodes, num_envs=envs, seed=100000 + seed, video=videos,
+    result = rollout_checkpoint(run, episodes=episodes, num_envs=envs or None, seed=100000 + seed, video=videos,
                                 out_dir=os.path.join(out, "rollout"), weights="ema", device="cpu")
     video_paths = [ep["video"] for ep in result.get("episodes", []) if ep.get("video")]
     print(f"quickstart done in {time.time() - t0:.0f} s: Lift success rate {result['success_rate']:.0%} "

@@ -9,7 +9,9 @@ the concatenated low-dim observation and ``"action"``). For a feature dimension 
 which is computed as ``(x - min) / (r / 2) - 1`` so that the fitted ``min`` and ``max`` map to exactly -1
 and 1 in floating point (and every fitted value lands inside [-1, 1], with no clipping). A dimension whose
 range is below ``1e-6`` (a constant feature) gets scale 1 instead: ``x_n = x - mid``, so the constant maps
-to 0 and nothing is divided by a tiny number.
+to 0 and nothing is divided by a tiny number. :meth:`~MinMaxNormalizer.unnormalize` maps a constant
+dimension back to its constant whatever the normalized value: a dimension that never varied in the data
+(e.g. the rotation of a translation-only expert) is never driven by what a model predicts for it.
 
 Both ``normalize`` and ``unnormalize`` take numpy arrays or torch tensors with any leading dimensions; the
 last dimension is the feature dimension (``(N, D)``, ``(B, To, Do)``, ``(B, Ta, Da)`` ...). Floating inputs
@@ -194,9 +196,16 @@ class MinMaxNormalizer:
         return (self._as_float(x) - offset) / half_range - shift
 
     def unnormalize(self, key: str, x: ArrayLike) -> ArrayLike:
-        """Inverse of :meth:`normalize` for ``x (..., D)``."""
+        """Inverse of :meth:`normalize` for ``x (..., D)``; constant dimensions return their constant."""
         offset, half_range, shift = self._coeffs(key, x)
-        return (self._as_float(x) + shift) * half_range + offset
+        out = (self._as_float(x) + shift) * half_range + offset
+        const = self._constant_mask(key)
+        if const.any():
+            if isinstance(out, torch.Tensor):
+                out = torch.where(torch.as_tensor(const, device=out.device), offset.expand_as(out), out)
+            else:
+                out = np.where(const, np.broadcast_to(offset, out.shape), out).astype(out.dtype, copy=False)
+        return out
 
     # ------------------------------------------------------------------ internals
     def _check_known(self, key: str) -> None:

@@ -88,6 +88,23 @@ def test_constant_and_nearly_constant_dims_stay_finite():
     assert torch.isfinite(out_t).all() and (out_t[:, 0] == 0).all()
 
 
+def test_unnormalize_returns_the_constant_of_constant_dims():
+    """A dim that never varied (e.g. rotation of a translation-only expert) is never driven by predictions."""
+    actions = np.zeros((20, 3), dtype=np.float32)
+    actions[:, 0] = np.linspace(-0.5, 0.5, 20)  # varies
+    actions[:, 1] = 0.0  # constant 0 (rotation never used)
+    actions[:, 2] = -1.0  # constant -1 (e.g. gripper always open)
+    norm = MinMaxNormalizer.fit({"action": actions})
+    pred = np.array([[0.5, 0.7, -0.3], [-1.0, -0.9, 0.9]], dtype=np.float32)
+    raw = norm.unnormalize("action", pred)
+    np.testing.assert_allclose(raw[:, 0], [0.25, -0.5], atol=1e-6)  # (x + 1) * 0.5 - 0.5
+    np.testing.assert_array_equal(raw[:, 1], [0.0, 0.0])
+    np.testing.assert_array_equal(raw[:, 2], [-1.0, -1.0])
+    raw_t = norm.unnormalize("action", torch.from_numpy(pred))
+    np.testing.assert_allclose(raw_t.numpy(), raw, atol=1e-6)
+    assert raw_t.dtype == torch.float32 and raw.dtype == np.float32
+
+
 def test_state_dict_safetensors_round_trip(tmp_path):
     norm, state, action = _fitted()
     sd = norm.state_dict()
