@@ -119,9 +119,12 @@ def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise
         print(f"[2/3] pretraining: {steps} steps -> {run}")
         pretrain(compose("pretrain", overrides))
     print(f"[3/3] rollout: {episodes} Lift episodes with the EMA weights")
+    rollout_dir = os.path.join(out, "rollout")
     result = rollout_checkpoint(run, episodes=episodes, num_envs=envs or None, seed=100000 + seed, video=videos,
-                                out_dir=os.path.join(out, "rollout"), weights="ema", device="cpu")
-    video_paths = [ep["video"] for ep in result.get("episodes", []) if ep.get("video")]
+                                out_dir=rollout_dir, weights="ema", device="cpu",
+                                env_options={"terminate_on_success": True})
+    video_paths = [os.path.abspath(os.path.join(rollout_dir, ep["video"]))
+                   for ep in result.get("episodes", []) if ep.get("video")]
     print(f"quickstart done in {time.time() - t0:.0f} s: Lift success rate {result['success_rate']:.0%} "
           f"over {episodes} episodes")
     for path in video_paths:

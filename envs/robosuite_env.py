@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -56,12 +57,28 @@ _FORCED_KWARGS = {"has_renderer": False, "ignore_done": True, "hard_reset": Fals
 # ------------------------------------------------------------------------------------------------------------------
 
 
+#: robosuite log lines that are harmless here and repeat in every worker process (platform.md): the private macro
+#: file, the optional robosuite_models package, the GR1 whole-body IK, and per-env controller-config chatter.
+_QUIET_ROBOSUITE = ("private macro file", "setup_macros.py", "robosuite_models", "mink-based whole-body IK",
+                    "Loading controller configuration")
+
+
+class _QuietRobosuite(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in _QUIET_ROBOSUITE)
+
+
 def _import_robosuite():
-    """Import robosuite, choosing the GL backend first (robosuite sets ``MUJOCO_GL=egl`` itself on import)."""
+    """Import robosuite, choosing the GL backend first (robosuite sets ``MUJOCO_GL=egl`` itself on import).
+
+    Known-harmless robosuite log lines are filtered (set ``DPFT_ROBOSUITE_VERBOSE=1`` to see everything)."""
     import sys
 
     if "robosuite" not in sys.modules:
         setup_rendering(require=False)
+        if not os.environ.get("DPFT_ROBOSUITE_VERBOSE"):
+            logging.getLogger("robosuite_logs").addFilter(_QuietRobosuite())
     try:
         import robosuite
     except ImportError as e:
