@@ -20,7 +20,7 @@ DEFAULTS: Dict[str, Any] = {
     "out": "runs/quickstart",
     "demos": 100,
     "noise": 0.0,
-    "steps": 3000,
+    "steps": 10000,
     "episodes": 20,
     "envs": 0,
     "videos": 2,
@@ -36,7 +36,7 @@ Options (default):
   out=runs/quickstart   output directory (demos, run, rollout)
   demos=100             scripted-expert demonstrations to generate
   noise=0.0             demo imperfection level (see dpft demos --help)
-  steps=3000            pretraining optimizer steps
+  steps=10000           pretraining optimizer steps
   episodes=20           evaluation episodes
   envs=0                parallel environments (0 = min(episodes, CPU cores))
   videos=2              episodes to record as MP4
