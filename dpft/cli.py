@@ -132,12 +132,18 @@ def cmd_rollout(args: List[str]) -> int:
     _import_isaacgym_if_furniture(cfg.checkpoint)
     from envs.rollout import rollout_checkpoint
 
+    out = cfg.out
+    if out is None:  # default: RUN_DIR/rollout/step_XXXXXXXX, next to the checkpoint it evaluates
+        from dpft.checkpoint import resolve_checkpoint
+
+        step_dir = resolve_checkpoint(cfg.checkpoint)
+        out = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "rollout", os.path.basename(step_dir))
     env_options = {"terminate_on_success": cfg.terminate_on_success}
     if cfg.max_episode_steps is not None:
         env_options["max_episode_steps"] = cfg.max_episode_steps
     rollout_checkpoint(
         cfg.checkpoint, episodes=cfg.episodes, num_envs=cfg.envs or None, seed=cfg.seed,
-        video=(cfg.videos or True) if cfg.video else 0, out_dir=cfg.out, weights=cfg.weights,
+        video=(cfg.videos or True) if cfg.video else 0, out_dir=out, weights=cfg.weights,
         device=cfg.device, deterministic=cfg.deterministic, progress=cfg.progress, env_options=env_options,
         video_size=(cfg.video_size, cfg.video_size), camera=cfg.camera,
     )

@@ -181,7 +181,7 @@ class RolloutConfig:
     seed: int = _f(100000, "seed of the first episode (default away from the demo seeds)")
     video: bool = _f(False, "write MP4 videos")
     videos: int = _f(4, "how many episodes to record when video=true (0 = all)")
-    out: Optional[str] = _f(None, "output directory (default: <checkpoint run>/rollout)")
+    out: Optional[str] = _f(None, "output directory (default: RUN_DIR/rollout/step_XXXXXXXX of the evaluated checkpoint)")
     weights: str = _f("ema", "ema | model: which weights of the checkpoint to run")
     deterministic: bool = _f(True, "deterministic sampling (DDIM eta 0 / DDPM min std / Gaussian mean)")
     device: str = _f("cpu", "cpu | cuda | auto (policy inference device)")

@@ -45,6 +45,11 @@ def test_demos_info_pretrain_rollout_video(tmp_path, capsys):
     assert frames.shape == (episode["length"] + 1, 64, 64, 3) and frames.dtype == np.uint8
     assert frames.std() > 1.0  # a rendered scene, not a blank frame
 
+    # without out=, the result lands next to the evaluated checkpoint
+    assert main(["rollout", f"checkpoint={run}", "episodes=1", "envs=1", "max_episode_steps=3", "progress=false"]) == 0
+    default = os.path.join(run, "rollout", "step_00000030", "result.json")
+    assert json.load(open(default))["episodes"][0]["length"] == 3
+
 
 def test_rollout_of_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["rollout", f"checkpoint={tmp_path / 'nope'}", "episodes=1"]) == 2
