@@ -56,8 +56,11 @@ def env_factory(task: str, max_episode_steps: int):
                       kwargs={"max_episode_steps": max_episode_steps})
 
 
-def bench_single(factory, steps: int, seed: int) -> float:
-    """env-steps/s of one env in this process (one warm-up step excluded)."""
+def bench_single(factory, steps: int, seed: int, raw: bool = False) -> float:
+    """env-steps/s of one env in this process (one warm-up step excluded).
+
+    ``raw=True`` times robosuite's own ``env.step`` on the adapter's underlying env instead (the adapter's
+    overhead is the difference)."""
     env = factory()
     rng = np.random.default_rng(seed)
     try:
@@ -65,6 +68,9 @@ def bench_single(factory, steps: int, seed: int) -> float:
         env.step(rng.uniform(-1, 1, env.action_dim))
         t0 = time.perf_counter()
         for _ in range(steps):
+            if raw:
+                env.env.step(rng.uniform(-1, 1, env.action_dim))
+                continue
             _, _, term, trunc, _ = env.step(rng.uniform(-1, 1, env.action_dim))
             if term or trunc:
                 env.reset()
@@ -167,6 +173,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     probe.close()
 
     single = bench_single(factory, args.steps, args.seed)
+    raw_single = bench_single(factory, args.steps, args.seed, raw=True)
     rows = []
     for n in args.workers:
         r = bench_vector(factory, n, args.steps, args.act_steps, args.seed)
@@ -184,6 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(header)
     print("%-28s %14s %10s %10s" % ("setup", "env-steps/s", "scaling", "start (s)"))
     print("%-28s %14.1f %10s %10s" % ("1 env, in-process", single, "-", "-"))
+    print("%-28s %14.1f %10s %10s" % ("  raw robosuite env.step", raw_single, "-", "-"))
     for n, sps, ratio, start in rows:
         print("%-28s %14.1f %10.2f %10.1f" % ("%d workers (act_steps %d)" % (n, args.act_steps), sps, ratio, start))
     if roll is not None:
@@ -199,6 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("| setup | env-steps/s | scaling vs cores x single (goal >= 0.8) |")
     print("|---|---|---|")
     print("| 1 env, in-process | %.1f | - |" % single)
+    print("| (raw robosuite `env.step` of the same env, no adapter) | %.1f | - |" % raw_single)
     for n, sps, ratio, _ in rows:
         print("| %d worker processes, act_steps %d | %.1f | %.2f |" % (n, args.act_steps, sps, ratio))
     if roll is not None:
