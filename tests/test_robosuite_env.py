@@ -364,3 +364,25 @@ def test_stepped_obs_equal_obs_of_the_stored_state():
     finally:
         env.close()
         other.close()
+
+
+@pytest.mark.parametrize("task", ["can", "square", "transport"])
+def test_image_obs_shapes_for_every_task(task):
+    """Camera observations for the tasks beyond Lift (Lift's images are checked pixel by pixel above)."""
+    args = default_env_args(task, image_obs=True, camera_size=32)
+    camera = args["env_kwargs"]["camera_names"][0]
+    key = camera + "_image"
+    env = RobosuiteEnv(args, obs_keys=["robot0_eef_pos", key], max_episode_steps=10)
+    try:
+        assert env.obs_shapes[key] == (32, 32, 3) and env.obs_dtypes[key] == np.uint8
+        obs = env.reset(seed=1)
+        frames = [obs[key]]
+        for _ in range(2):
+            obs, reward, terminated, truncated, info = env.step(np.zeros(env.action_dim))
+            frames.append(obs[key])
+            assert isinstance(info["success"], bool) and not truncated
+        for frame in frames:
+            assert frame.shape == (32, 32, 3) and frame.dtype == np.uint8 and frame.std() > 1.0
+        assert obs["robot0_eef_pos"].shape == (3,)
+    finally:
+        env.close()
