@@ -59,6 +59,18 @@ class Env:
         """Flat simulator state (robomimic ``states``), or None when the backend has none."""
         return None
 
+    def _checked_action(self, action: np.ndarray) -> np.ndarray:
+        """``action`` as float64 ``(action_dim,)``; :class:`DpftError` before any reset or on a wrong shape."""
+        from dpft.errors import DpftError
+
+        if not getattr(self, "_has_reset", False):
+            raise DpftError("{}.step() was called before reset().".format(type(self).__name__))
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape != (self.action_dim,):
+            raise DpftError("{}: action has shape {}; expected ({},).".format(
+                getattr(self, "env_name", type(self).__name__), tuple(a.shape), self.action_dim))
+        return a
+
     def close(self) -> None:
         pass
 

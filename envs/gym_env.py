@@ -153,12 +153,7 @@ class GymEnv(Env):
 
     def step(self, action: np.ndarray) -> Tuple[ObsDict, float, bool, bool, Dict[str, Any]]:
         """Apply one action ``(Da,)``; returns ``(obs, reward, terminated, truncated, info)``."""
-        if not self._has_reset:
-            raise DpftError("GymEnv.step() was called before reset().")
-        a = np.asarray(action, dtype=np.float64)
-        if a.shape != (self.action_dim,):
-            raise DpftError("{}: action has shape {}; expected ({},).".format(
-                self.env_name, tuple(a.shape), self.action_dim))
+        a = self._checked_action(action)
         obs, reward, terminated, truncated, info = self.env.step(a.astype(self.env.action_space.dtype))
         self.elapsed_steps += 1
         info = dict(info or {})

@@ -560,12 +560,7 @@ class RobosuiteEnv(Env):
 
     def step(self, action: np.ndarray) -> Tuple[ObsDict, float, bool, bool, Dict[str, Any]]:
         """Apply one action ``(Da,)`` in [-1, 1]; returns ``(obs, reward, terminated, truncated, info)``."""
-        if not self._has_reset:
-            raise DpftError("RobosuiteEnv.step() was called before reset().")
-        a = np.asarray(action, dtype=np.float64)
-        if a.shape != (self.action_dim,):
-            raise DpftError("{}: action has shape {}; expected ({},).".format(
-                self.env_name, tuple(a.shape), self.action_dim))
+        a = self._checked_action(action)
         if self._use_camera:
             self._make_gl_current()
         raw, reward, _, info = self.env.step(a)

@@ -21,3 +21,15 @@ def tiny_image_hdf5(tmp_path):
     path = tmp_path / "tiny_image.hdf5"
     write_robomimic_hdf5(path, images=True, image_shape=(16, 16, 3))
     return path
+
+
+@pytest.fixture(scope="module")
+def rs():
+    """The ``envs.robosuite_env`` module with the GL backend chosen first (skips without robosuite)."""
+    from envs.render import setup_rendering
+
+    setup_rendering(require=False)  # pick the GL backend before robosuite imports mujoco
+    pytest.importorskip("robosuite")
+    from envs import robosuite_env
+
+    return robosuite_env

@@ -64,17 +64,6 @@ def test_bad_arguments_raise_before_any_simulation(tmp_path):
 
 # --------------------------------------------------------------------------------------------------- robosuite
 @pytest.fixture(scope="module")
-def rs():
-    from envs.render import setup_rendering
-
-    setup_rendering(require=False)  # pick the GL backend before robosuite imports mujoco
-    pytest.importorskip("robosuite")
-    from envs import robosuite_env
-
-    return robosuite_env
-
-
-@pytest.fixture(scope="module")
 def lift_file(rs, tmp_path_factory):
     out = tmp_path_factory.mktemp("demos") / "lift.hdf5"
     summary = make_demos(task="lift", num=2, out=str(out), seed=0, progress=False)

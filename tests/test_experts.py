@@ -55,17 +55,6 @@ def test_registry_and_errors():
 
 # --------------------------------------------------------------------------------------------------- robosuite
 @pytest.fixture(scope="module")
-def rs():
-    from envs.render import setup_rendering
-
-    setup_rendering(require=False)  # pick the GL backend before robosuite imports mujoco
-    pytest.importorskip("robosuite")
-    from envs import robosuite_env
-
-    return robosuite_env
-
-
-@pytest.fixture(scope="module")
 def lift_env(rs):
     env = rs.RobosuiteEnv(rs.default_env_args("lift"))
     yield env
