@@ -317,6 +317,38 @@ class Expert:
         """Within ``tol`` of ``target`` and moving less than ``speed_tol`` metres per step."""
         return self._reached(target, tol) and self._speed < speed_tol
 
+    def _grasp_sequence(self, grasp: np.ndarray, rot: Optional[np.ndarray] = None, approach_timeout: int = 80,
+                        aligned: bool = True, settle: bool = False,
+                        lift_offset: float = 0.0) -> Optional[Tuple[np.ndarray, float, np.ndarray]]:
+        """The pick phases every expert shares: ``approach`` (hover above ``grasp``) -> ``descend`` -> ``grasp``
+        (close for ``close_steps``). Returns this step's ``(target, gripper, rot)``, or None once the gripper has
+        closed: the phase is then ``lift`` with ``self._anchor`` = eef position + ``lift_offset`` up.
+
+        ``aligned`` gates leaving the approach (e.g. the gripper's yaw is aligned), ``settle`` makes the descent
+        wait until the arm is at rest, not only within tolerance; each phase also ends on a step timeout."""
+        p = self._params
+        rot = np.zeros(3) if rot is None else rot
+        if self.phase == "approach":
+            target = grasp + np.array([0.0, 0.0, p["hover"]])
+            if (self._reached(target, 0.02) and aligned) or self._phase_steps > approach_timeout:
+                self._set_phase("descend")
+            else:
+                return target, GRIPPER_OPEN, rot
+        if self.phase == "descend":
+            at_grasp = self._settled(grasp, p["tol"]) if settle else self._reached(grasp, p["tol"])
+            if at_grasp or self._phase_steps > 40:
+                self._set_phase("grasp")
+                self._anchor = grasp.copy()
+            else:
+                return grasp, GRIPPER_OPEN, rot
+        if self.phase == "grasp":
+            if self._phase_steps >= p["close_steps"]:
+                self._set_phase("lift")
+                self._anchor = self._eef_pos() + np.array([0.0, 0.0, lift_offset])
+            else:
+                return self._anchor, GRIPPER_CLOSE, np.zeros(3)
+        return None
+
     def _perturb(self, a: np.ndarray) -> np.ndarray:
         """Add OU noise and hesitations (noise > 0 only)."""
         rng = self._rng
@@ -367,24 +399,9 @@ class LiftExpert(Expert):
         p = self._params
         grasp = self._cube() + np.array([p["dx"], p["dy"], p["dz"]])
         rot = np.zeros(3)
-        if self.phase == "approach":
-            target = grasp + np.array([0.0, 0.0, p["hover"]])
-            if self._reached(target, 0.02) or self._phase_steps > 60:
-                self._set_phase("descend")
-            else:
-                return target, GRIPPER_OPEN, rot
-        if self.phase == "descend":
-            if self._reached(grasp, p["tol"]) or self._phase_steps > 40:
-                self._set_phase("grasp")
-                self._anchor = grasp.copy()
-            else:
-                return grasp, GRIPPER_OPEN, rot
-        if self.phase == "grasp":
-            if self._phase_steps >= p["close_steps"]:
-                self._set_phase("lift")
-                self._anchor = self._eef_pos() + np.array([0.0, 0.0, p["lift"]])
-            else:
-                return self._anchor, GRIPPER_CLOSE, rot
+        step = self._grasp_sequence(grasp, approach_timeout=60, lift_offset=p["lift"])
+        if step is not None:
+            return step
         # lift / done: hold the cube up
         if self.phase == "lift" and (self._reached(self._anchor, 0.02) or self._phase_steps > 60):
             self._set_phase("done")
@@ -437,25 +454,9 @@ class CanExpert(Expert):
         rot = np.zeros(3)
         grasp = can + np.array([p["dx"], p["dy"], p["dz"]])
         drop_xy = self._bin_target[:2] + np.array([p["place_dx"], p["place_dy"]])
-        if self.phase == "approach":
-            target = grasp + np.array([0.0, 0.0, p["hover"]])
-            if self._reached(target, 0.02) or self._phase_steps > 80:
-                self._set_phase("descend")
-            else:
-                return target, GRIPPER_OPEN, rot
-        if self.phase == "descend":
-            target = grasp
-            if self._reached(target, p["tol"]) or self._phase_steps > 40:
-                self._set_phase("grasp")
-                self._anchor = grasp.copy()
-            else:
-                return target, GRIPPER_OPEN, rot
-        if self.phase == "grasp":
-            if self._phase_steps >= p["close_steps"]:
-                self._set_phase("lift")
-                self._anchor = self._eef_pos()
-            else:
-                return self._anchor, GRIPPER_CLOSE, rot
+        step = self._grasp_sequence(grasp)
+        if step is not None:
+            return step
         if self.phase == "lift":
             target = np.array([self._anchor[0], self._anchor[1], p["carry_z"]])
             if self._reached(target, 0.03) or self._phase_steps > 60:
@@ -559,27 +560,10 @@ class SquareExpert(Expert):
         grasp_yaw_err = _wrap(nut_yaw + np.pi / 2.0 - self._gripper_yaw(), np.pi)
         peg = self._body_pos(self._peg_body)
         peg_top = peg[2] + 0.1
-        if self.phase == "approach":
-            target = grasp + np.array([0.0, 0.0, p["hover"]])
-            rot = self._yaw_action(grasp_yaw_err)
-            if (self._reached(target, 0.02) and abs(grasp_yaw_err) < 0.05) or self._phase_steps > 80:
-                self._set_phase("descend")
-            else:
-                return target, GRIPPER_OPEN, rot
-        if self.phase == "descend":
-            target = grasp
-            rot = self._yaw_action(grasp_yaw_err)
-            if self._settled(target, p["tol"]) or self._phase_steps > 40:
-                self._set_phase("grasp")
-                self._anchor = grasp.copy()
-            else:
-                return target, GRIPPER_OPEN, rot
-        if self.phase == "grasp":
-            if self._phase_steps >= p["close_steps"]:
-                self._set_phase("lift")
-                self._anchor = self._eef_pos()
-            else:
-                return self._anchor, GRIPPER_CLOSE, np.zeros(3)
+        step = self._grasp_sequence(grasp, rot=self._yaw_action(grasp_yaw_err), aligned=abs(grasp_yaw_err) < 0.05,
+                                    settle=True)
+        if step is not None:
+            return step
         # after the grasp the nut moves with the hand: steer the eef so that the nut centre reaches the target
         nut_square_err = _wrap(-nut_yaw, np.pi / 2.0)
         eef = self._eef_pos()
