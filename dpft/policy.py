@@ -172,7 +172,9 @@ class Policy:
         model_obs = self.normalize_obs(obs)
         self.model.eval()
         actions, _ = self.model.sample(model_obs, deterministic=deterministic, generator=generator)
-        actions = self.normalizer.unnormalize("action", actions)
+        # the training data spans [-1, 1] after normalization; a stochastic Gaussian sample may step outside it
+        # (kept unclipped inside the model so RL log-probs stay exact), but the env only gets in-range actions
+        actions = self.normalizer.unnormalize("action", actions.clamp(-1.0, 1.0))
         return actions.detach().to("cpu", torch.float32).numpy()
 
     def act(self, obs: ObsLike, deterministic: bool = True,

@@ -162,3 +162,29 @@ def test_load_policy_errors(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(DpftError, match="has no complete checkpoint"):
         dpft.load_policy(str(tmp_path / "run"))
+
+
+def test_stochastic_gaussian_actions_stay_in_the_data_range(tmp_path):
+    """A wide Gaussian's samples leave [-1, 1] in normalized units; Policy.act clamps before un-normalizing."""
+    path = str(tmp_path / "learnable.hdf5")
+    write_learnable_hdf5(path)
+    out = str(tmp_path / "gauss")
+    n = torch.get_num_threads()
+    pretrain(compose("pretrain", [
+        "dataset=" + path, "out=" + out, "obs_keys=[%s]" % ",".join(KEYS), "policy=gaussian_mlp",
+        "policy.mlp_dims=[32,32]", "policy.init_std=1.0", "policy.std_max=1.0", "steps=2", "batch_size=16",
+        "save_every=2", "val_every=0", "num_threads=1", "progress=false", "data.valid_ratio=0", "horizon_steps=1",
+        "act_steps=1", "ema_decay=0"]))
+    torch.set_num_threads(n)
+    policy = dpft.load_policy(out)
+    with h5py.File(path, "r") as f:
+        names = sorted(f["data"], key=lambda s: int(s.split("_")[1]))
+        obs = {k: np.concatenate([f["data/%s/obs/%s" % (d, k)][...] for d in names]) for k in KEYS}
+        actions = np.concatenate([f["data/%s/actions" % d][...] for d in names])
+    raw = policy.act(obs, deterministic=False, generator=torch.Generator().manual_seed(0))
+    lo, hi = actions.min(0), actions.max(0)
+    eps = 1e-5 * (hi - lo + 1)
+    assert np.all(raw >= lo - eps) and np.all(raw <= hi + eps)
+    # the std really is wide: many samples sit on the bounds, i.e. they were clamped
+    on_bounds = np.isclose(raw[:, 0], lo, atol=1e-5) | np.isclose(raw[:, 0], hi, atol=1e-5)
+    assert on_bounds.mean() > 0.05
