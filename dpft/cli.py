@@ -103,9 +103,7 @@ def cmd_pretrain(args: List[str]) -> int:
         return 0
     from agents.pretrain import pretrain
 
-    path = pretrain(cfg)
-    if path:
-        print(f"final checkpoint: {path}")
+    pretrain(cfg)  # prints where the final checkpoint and loss curve are
     return 0
 
 
