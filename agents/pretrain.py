@@ -272,7 +272,8 @@ class Pretrainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self._loss_fn = DDP(_LossForward(self.model), device_ids=ids)  # type: Callable
+            # broadcast_buffers=False: the models have no BatchNorm, their buffers (noise schedule) never change
+            self._loss_fn = DDP(_LossForward(self.model), device_ids=ids, broadcast_buffers=False)  # type: Callable
         else:
             self._loss_fn = self.model.loss
 

@@ -52,7 +52,7 @@ NORMALIZER_FILE = "normalizer.safetensors"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
-_TMP_RE = re.compile(r"^\.tmp-step_\d+-(\d+)$")
+_TMP_RE = re.compile(r"^\.tmp-(?:retired-)?step_\d+-(\d+)$")
 
 
 def step_dir_name(step: int) -> str:
@@ -290,14 +290,25 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.exists(final):  # re-saving the same step (e.g. the final step after a resume at it)
-        shutil.rmtree(final)
+    old = None
+    if os.path.exists(final):  # re-saving the same step: move the old copy aside (atomic), never delete in place
+        old = _retire(ckpt_root, final)
     os.rename(tmp, final)
     _fsync_dir(ckpt_root)
     write_text_atomic(os.path.join(ckpt_root, LATEST), name + "\n")
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     if keep and keep > 0:
         prune_checkpoints(run_dir, keep)
     return final
+
+
+def _retire(ckpt_root: str, path: str) -> str:
+    """Rename a checkpoint directory to a ``.tmp-`` name (atomic) so it stops counting as a checkpoint before
+    it is deleted; a crash mid-delete then leaves only a stale temp dir, which :func:`clean_stale_tmp` removes."""
+    retired = os.path.join(ckpt_root, ".tmp-retired-%s-%d" % (os.path.basename(path), os.getpid()))
+    os.rename(path, retired)
+    return retired
 
 
 def list_checkpoints(run_dir: str) -> List[str]:
@@ -318,7 +329,7 @@ def prune_checkpoints(run_dir: str, keep: int) -> List[str]:
     ckpts = list_checkpoints(run_dir)
     doomed = ckpts[:-keep] if keep > 0 else []
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(_retire(os.path.dirname(path), path), ignore_errors=True)
     return doomed
 
 

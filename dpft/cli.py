@@ -127,7 +127,9 @@ def cmd_rollout(args: List[str]) -> int:
     cfg = _compose_or_help("rollout", args)
     if cfg is None:
         return 0
-    _import_isaacgym_if_furniture(cfg.checkpoint)
+    from envs.registry import import_isaacgym_if_needed
+
+    import_isaacgym_if_needed(cfg.checkpoint)  # before anything imports torch
     from envs.rollout import rollout_checkpoint
 
     out = cfg.out
@@ -146,31 +148,6 @@ def cmd_rollout(args: List[str]) -> int:
         video_size=(cfg.video_size, cfg.video_size), camera=cfg.camera,
     )
     return 0
-
-
-def _import_isaacgym_if_furniture(checkpoint: str) -> None:
-    """Isaac Gym must be imported before torch: peek at the checkpoint's meta.json (JSON only) first."""
-    import glob
-    import json
-
-    candidates = [os.path.join(checkpoint, "meta.json")]
-    latest = os.path.join(checkpoint, "checkpoints", "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            candidates.insert(0, os.path.join(checkpoint, "checkpoints", f.read().strip(), "meta.json"))
-    candidates += sorted(glob.glob(os.path.join(checkpoint, "checkpoints", "step_*", "meta.json")))[-1:]
-    for path in candidates:
-        if os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    env_type = (json.load(f).get("env_args") or {}).get("type")
-            except (OSError, ValueError):
-                return
-            if env_type == "furniture":
-                from envs.furniture import import_isaacgym_first
-
-                import_isaacgym_first()
-            return
 
 
 def cmd_quickstart(args: List[str]) -> int:

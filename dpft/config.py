@@ -130,11 +130,13 @@ class PretrainConfig:
         if not self.out:
             raise DpftError("out=RUN_DIR is required: the directory for checkpoints and metrics.")
         self.policy.validate()
-        for name in ("horizon_steps", "cond_steps", "act_steps", "steps", "batch_size", "save_every"):
+        for name in ("horizon_steps", "cond_steps", "act_steps", "steps", "batch_size", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise DpftError(f"{name}={getattr(self, name)} must be >= 1.")
         if self.act_steps > self.horizon_steps:
             raise DpftError(f"act_steps={self.act_steps} cannot exceed horizon_steps={self.horizon_steps}.")
+        if self.val_every < 0:
+            raise DpftError(f"val_every={self.val_every} must be >= 0 (0 turns validation off).")
         if not self.obs_keys:
             raise DpftError("obs_keys is empty: name at least one observation key of the dataset.")
         if self.logger not in ("none", "wandb"):

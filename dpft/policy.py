@@ -143,8 +143,8 @@ class Policy:
             b = self._check_batch(b, key, int(x.shape[0]))
             x = x.reshape(x.shape[0], to, -1)
             parts.append(torch.as_tensor(x) if isinstance(x, np.ndarray) else x)
-        if parts:
-            state = torch.cat([p.to(torch.float32) for p in parts], dim=-1)
+        if parts:  # keys may arrive as a mix of numpy arrays and (CUDA) tensors: one device, one dtype
+            state = torch.cat([p.to(self.device, torch.float32) for p in parts], dim=-1)
             out["state"] = self._state_tensor(state)
         for key in self.image_keys:
             shape = self.obs_shapes[key]

@@ -40,9 +40,48 @@ def _env_type(env_args: Any) -> Any:
     env_type = env_args["type"]
     if isinstance(env_type, bool) or not isinstance(env_type, (int, str)):
         raise DpftError("env_args['type'] must be 1 (robosuite), 2 (gym) or 'furniture', got {!r}.".format(env_type))
-    if isinstance(env_type, str) and env_type.strip().isdigit():
-        env_type = int(env_type)
+    if isinstance(env_type, str):
+        name = env_type.strip().lower()
+        return int(name) if name.isdigit() else {"robosuite": 1, "gym": 2, "gymnasium": 2}.get(name, name)
     return env_type
+
+
+def env_kind(env_args: Dict[str, Any]) -> str:
+    """``"robosuite"``, ``"gym"`` or ``"furniture"`` for robomimic-style ``env_args`` (type 1 / 2 / "furniture",
+    numbers as strings and names in any case accepted); DpftError for anything else."""
+    kind = {1: "robosuite", 2: "gym", "furniture": "furniture"}.get(_env_type(env_args))
+    if kind is None:
+        raise DpftError("Unknown env_args['type'] {!r}; supported: 1 (robosuite), 2 (gym), 'furniture'.".format(
+            env_args.get("type")))
+    return kind
+
+
+def import_isaacgym_if_needed(checkpoint: str) -> None:
+    """Isaac Gym must be imported before torch: if the checkpoint at ``checkpoint`` (RUN_DIR or a checkpoint
+    directory) was trained for FurnitureBench, import it now. Reads meta.json only (no torch import)."""
+    import glob
+    import json
+    import os
+
+    candidates = [os.path.join(checkpoint, "meta.json")]
+    latest = os.path.join(checkpoint, "checkpoints", "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            candidates.insert(0, os.path.join(checkpoint, "checkpoints", f.read().strip(), "meta.json"))
+    candidates += sorted(glob.glob(os.path.join(checkpoint, "checkpoints", "step_*", "meta.json")))[-1:]
+    for path in candidates:
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    env_args = json.load(f).get("env_args") or {}
+                furniture = env_kind(env_args) == "furniture"
+            except (OSError, ValueError, DpftError):
+                return  # loading the checkpoint reports the problem properly
+            if furniture:
+                from envs.furniture import import_isaacgym_first
+
+                import_isaacgym_first()
+            return
 
 
 def make_env(env_args: Dict[str, Any], obs_keys: Optional[List[str]] = None, **kwargs: Any) -> Env:

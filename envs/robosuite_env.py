@@ -342,7 +342,9 @@ def convert_legacy_env_args(env_args: Dict[str, Any]) -> Dict[str, Any]:
             kw["controller_configs"] = _convert_controller_config(cc, robots[0], where)
 
     version = _version_tuple(out.get("env_version"))
-    if version and version < (1, 5):
+    legacy_controller = isinstance(cc, dict) and "body_parts" not in cc
+    if (version and version < (1, 5)) or (not version and legacy_controller):
+        # robosuite <= 1.4 stepped full physics (robomimic v0.1 datasets carry no env_version at all)
         kw.setdefault("lite_physics", False)
     conf = kw.get("env_configuration")
     if isinstance(conf, str) and conf in _LEGACY_ENV_CONFIGURATIONS:

@@ -64,6 +64,12 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+def _finite_or_none(x: Any) -> Optional[float]:
+    """A float for JSON, or None when a simulator fault made it NaN/Inf (JSON has no NaN)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
 def _atomic_write_json(path: str, obj: Any) -> None:
     tmp = os.path.join(os.path.dirname(path), ".%s.tmp-%d" % (os.path.basename(path), os.getpid()))
     try:
@@ -126,7 +132,8 @@ class _Recorder:
             self.timer.add("video", t0)
         self.records[index] = {
             "episode": index, "seed": int(ep["seed"]), "env": int(env_index),
-            "success": bool(ep["success"]), "return": float(ep["return"]), "length": int(ep["length"]),
+            "success": bool(ep["success"]) and not bool(ep.get("failed", False)),
+            "return": _finite_or_none(ep["return"]), "length": int(ep["length"]),
             "terminated": bool(ep.get("terminated", False)), "truncated": bool(ep.get("truncated", False)),
             "failed": bool(ep.get("failed", False)), "reason": ep.get("reason"), "video": video_rel,
             "frames": None if frames is None else int(len(frames)),
@@ -318,9 +325,9 @@ def _run_waves(actor: _Actor, env: BatchedEnv, rec: _Recorder, timer: _Timer) ->
 def _summary(rec: _Recorder, wall: float, timer: _Timer, extra: Dict[str, Any]) -> Dict[str, Any]:
     records = [rec.records[i] for i in range(rec.episodes)]
     ok = [r for r in records if not r["failed"]]
-    returns = np.array([r["return"] for r in ok], dtype=np.float64)
+    returns = np.array([r["return"] for r in ok if r["return"] is not None], dtype=np.float64)
     lengths = np.array([r["length"] for r in ok], dtype=np.float64)
-    num_success = sum(r["success"] for r in records)
+    num_success = sum(bool(r["success"]) and not r["failed"] for r in records)  # a cut episode is a failure
     sim = timer.totals["sim"]
     run = wall - timer.totals["startup"]
     result = {
@@ -328,8 +335,8 @@ def _summary(rec: _Recorder, wall: float, timer: _Timer, extra: Dict[str, Any]) 
         "num_episodes": len(records),
         "num_success": int(num_success),
         "num_failed": len(records) - len(ok),
-        "mean_return": _finite_or_none(returns.mean()) if len(ok) else None,
-        "std_return": _finite_or_none(returns.std()) if len(ok) else None,
+        "mean_return": _finite_or_none(returns.mean()) if len(returns) else None,
+        "std_return": _finite_or_none(returns.std()) if len(returns) else None,
         "mean_length": _finite_or_none(lengths.mean()) if len(ok) else None,
         "wall_time_s": wall,
         "startup_time_s": timer.totals["startup"],
@@ -471,15 +478,12 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _env_type(env_args: Dict[str, Any]) -> str:
-    kind = str(env_args.get("type", "")).strip().lower()
-    return {"1": "robosuite", "2": "gym", "gymnasium": "gym"}.get(kind, kind)
-
-
 def env_mode_for(env_args: Dict[str, Any]) -> str:
     """``"inline"`` for gymnasium envs (cheap; IPC would cost more than the step), ``"process"`` otherwise
     (robosuite: ~10 ms per step, worth one process per env)."""
-    return "inline" if _env_type(env_args) == "gym" else "process"
+    from envs.registry import env_kind
+
+    return "inline" if env_kind(env_args) == "gym" else "process"
 
 
 _MODEL_FIELDS = ("denoising_steps", "use_ddim", "ddim_steps", "ft_denoising_steps", "min_sampling_denoising_std")
@@ -524,6 +528,9 @@ def rollout_checkpoint(
                         "used) or a checkpoint directory (RUN_DIR/checkpoints/step_XXXXXXXX)." % path)
     if isinstance(num_envs, bool) or (num_envs is not None and int(num_envs) < 1):
         raise DpftError("rollout_checkpoint: num_envs must be >= 1, got %r." % (num_envs,))
+    from envs.registry import import_isaacgym_if_needed
+
+    import_isaacgym_if_needed(path)  # Isaac Gym refuses to load after torch
     import dpft
 
     policy = dpft.load_policy(path, weights=weights, device=device)
@@ -555,7 +562,10 @@ def rollout_checkpoint(
     kw = dict(episodes=int(episodes), seed=seed, video=video, out_dir=out_dir, deterministic=deterministic,
               progress=progress, policy_info=info, video_size=video_size, camera=camera)
 
-    if _env_type(env_args) == "furniture":
+    from envs.registry import env_kind
+
+    kind = env_kind(env_args)
+    if kind == "furniture":
         from envs.furniture import make_furniture_env
 
         fkw = dict(env_args.get("env_kwargs") or {})
@@ -575,7 +585,7 @@ def rollout_checkpoint(
         options = dict(env_options or {})
         if n_video:
             options["render"] = True
-        if mode == "process" and _env_type(env_args) == "robosuite":
+        if mode == "process" and kind == "robosuite":
             # probe the GL backend once here (in a child process: no GL context in this one); the workers
             # inherit the result through the environment instead of probing again each
             from envs.render import setup_rendering

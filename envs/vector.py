@@ -164,13 +164,17 @@ class _EnvRunner:
             obs, r, term, trunc, info = self.env.step(a)
             n += 1
             self.steps += 1
-            reward += float(r)
-            success = success or bool(info.get("success", False))
             obs, nonfinite = self._convert(obs)
             if nonfinite is not None:
                 nonfinite = "non-finite value in observation '%s' at env step %d" % (nonfinite, self.steps)
                 truncated = True
                 break
+            if not np.isfinite(r):  # a diverged simulator: cut the episode, keep the return finite
+                nonfinite = "non-finite reward %r at env step %d" % (float(r), self.steps)
+                truncated = True
+                break
+            reward += float(r)
+            success = success or bool(info.get("success", False))
             self.history.append(obs)
             if self.recording:
                 self.frames.append(self._frame())

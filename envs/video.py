@@ -29,10 +29,11 @@ from dpft.errors import DpftError
 
 
 def temp_path_for(path: str) -> str:
-    """The hidden temporary file a video for ``path`` is written to first: ``<dir>/.<stem>.tmp.mp4``."""
+    """The hidden temporary file a video for ``path`` is written to first: ``<dir>/.<stem>.tmp-<pid>.mp4`` (the
+    pid keeps two writers of the same video from sharing a temporary file)."""
     directory, name = os.path.split(os.path.abspath(path))
     stem = name[:-4] if name.lower().endswith(".mp4") else name
-    return os.path.join(directory, ".{}.tmp.mp4".format(stem))
+    return os.path.join(directory, ".{}.tmp-{}.mp4".format(stem, os.getpid()))
 
 
 def _as_rgb_uint8(frame: Any, index: int, path: str) -> np.ndarray:
@@ -174,6 +175,22 @@ class VideoWriter:
         if not os.path.exists(self.tmp_path) or os.path.getsize(self.tmp_path) == 0:
             self._remove_tmp()
             raise DpftError("Video {}: ffmpeg produced no output.".format(self.path))
+        import imageio_ffmpeg
+
+        # imageio-ffmpeg does not check ffmpeg's exit status when finishing: decode-count the file before it may
+        # take the final name, so a video damaged while being finalized (e.g. disk full) never looks complete
+        try:
+            decoded = imageio_ffmpeg.count_frames_and_secs(self.tmp_path)[0]
+        except Exception as e:  # unreadable container
+            decoded, reason = -1, "{}: {}".format(type(e).__name__, e)
+        else:
+            reason = "{} of {} frames decode".format(decoded, self.frames_written)
+        if decoded != self.frames_written:
+            self._remove_tmp()
+            raise DpftError("Video {}: the finished file is damaged ({}); nothing was written under the final name."
+                            .format(self.path, reason))
+        with open(self.tmp_path, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(self.tmp_path, self.path)
         return self.path
 

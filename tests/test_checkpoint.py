@@ -284,3 +284,29 @@ def test_tied_weights_are_saved_under_every_name(tmp_path):
     C.save_tensors(str(tmp_path / "t.safetensors"), state)
     back = load_file(str(tmp_path / "t.safetensors"))
     assert torch.equal(back["enc.weight"], back["dec.weight"])
+
+
+def test_resaving_a_step_replaces_it_without_a_window_where_it_is_missing_or_partial(tmp_path, monkeypatch):
+    model = Tiny()
+    _save(tmp_path, 10, model)
+    root = tmp_path / "checkpoints"
+    seen = []
+    real_rmtree = C.shutil.rmtree
+
+    def watching_rmtree(path, *a, **kw):  # whenever an old copy is deleted, step_10 must already be complete
+        seen.append((os.path.basename(str(path)), sorted(os.listdir(root / "step_00000010"))))
+        return real_rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(C.shutil, "rmtree", watching_rmtree)
+    with torch.no_grad():
+        model.lin.weight.add_(1.0)
+    _save(tmp_path, 10, model)
+    assert seen and seen[0][0].startswith(".tmp-retired-step_00000010-")  # renamed aside first, then deleted
+    assert "model.safetensors" in seen[0][1]
+    assert sorted(os.listdir(root)) == ["latest", "step_00000010"]
+    reloaded = load_file(str(root / "step_00000010" / "model.safetensors"))
+    assert torch.equal(reloaded["lin.weight"], model.lin.weight)
+    # a crash mid-delete leaves only a retired temp dir, which is invisible and cleaned up
+    os.makedirs(root / ".tmp-retired-step_00000005-999999")
+    assert C.find_latest(str(tmp_path)).endswith("step_00000010")
+    assert ".tmp-retired-step_00000005-999999" in C.clean_stale_tmp(str(tmp_path))

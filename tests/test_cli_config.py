@@ -37,6 +37,8 @@ def test_compose_defaults_and_overrides():
         (["dataset=d"], "out=RUN_DIR is required"),
         (["dataset=d", "out=r", "policy.use_ddim=true"], "ddim_steps"),
         (["dataset=d", "out=r", "logger=tensorboard"], "logger='tensorboard'"),
+        (["dataset=d", "out=r", "log_every=0"], "log_every=0 must be >= 1"),
+        (["dataset=d", "out=r", "val_every=-1"], "val_every=-1 must be >= 0"),
     ],
 )
 def test_bad_overrides_raise_clear_errors(overrides, expected):

@@ -86,6 +86,9 @@ def test_convert_legacy_controller_config():
     assert arm["output_max"] == [0.05, 0.05, 0.05, 0.5, 0.5, 0.5] and arm["kp"] == 150
     assert kw["lite_physics"] is False  # robosuite <= 1.4 stepping
     assert "render_gpu_device_id" not in kw
+    unversioned = legacy_env_args()  # robomimic v0.1 datasets (robosuite 1.2) carry no env_version
+    del unversioned["env_version"]
+    assert convert_legacy_env_args(unversioned)["env_kwargs"]["lite_physics"] is False
     assert out["env_version"] == "1.4.1"
     # idempotent, and robosuite 1.5 args pass through untouched
     assert convert_legacy_env_args(out) == out

@@ -358,3 +358,43 @@ def test_real_policy_with_image_history_gives_identical_episodes_inline_and_in_w
     assert [e["length"] for e in inline["episodes"]] == [7, 7, 7]  # chunks of 3: 3 + 3 + 1
     assert inline["policy"]["weights"] == "model" and inline["policy"]["act_steps"] == 3  # Policy.describe()
     assert json.loads((tmp_path / "result.json").read_text())["policy"]["cond_steps"] == 2
+
+
+class _NanRewardEnv(FakeEnv):
+    """FakeEnv whose episode with seed ``nan_reward_on_seed`` returns a NaN reward at ``fault_step``."""
+
+    def __init__(self, nan_reward_on_seed=None, **kw):
+        super().__init__(**kw)
+        self.nan_reward_on_seed = nan_reward_on_seed
+
+    def step(self, action):
+        obs, r, te, tr, info = super().step(action)
+        if self._seed == self.nan_reward_on_seed and self._t == self.fault_step:
+            r = float("nan")
+        return obs, r, te, tr, info
+
+
+def test_nan_reward_cuts_the_episode_and_the_result_file_is_still_written(tmp_path):
+    fns_ = [functools.partial(_NanRewardEnv, nan_reward_on_seed=31, fault_step=2, **ENV_KW)] * 2
+    result = rollout(ScriptedReachPolicy(), fns_, episodes=3, seed=30, out_dir=tmp_path, mode="inline",
+                     progress=False)
+    by_seed = {ep["seed"]: ep for ep in result["episodes"]}
+    assert by_seed[31]["failed"] and "non-finite reward" in by_seed[31]["reason"]
+    assert not by_seed[31]["success"]
+    assert not by_seed[30]["failed"] and not by_seed[32]["failed"]
+    on_disk = json.load(open(os.path.join(tmp_path, "result.json")))  # NaN never reaches the JSON file
+    assert on_disk["num_failed"] == 1 and on_disk["mean_return"] == pytest.approx(result["mean_return"])
+
+
+def test_an_episode_cut_after_reaching_success_counts_as_a_failure(tmp_path):
+    # without terminate_on_success the point reaches the goal (success, sticky) and is then cut by a NaN obs
+    kw = dict(max_episode_steps=30, terminate_on_success=False)
+    assert reference_episode(41, max_episode_steps=30, terminate_on_success=True)["length"] == 6  # goal at step 6
+    ref = reference_episode(41, **kw)
+    assert ref["success"] and ref["length"] == 30  # without the fault: success, then on to the time limit
+    fns_ = [functools.partial(FakeEnv, nan_on_seed=41, fault_step=20, **kw)]
+    result = rollout(ScriptedReachPolicy(), fns_, episodes=1, seed=41, out_dir=tmp_path, mode="inline",
+                     progress=False)
+    ep = result["episodes"][0]
+    assert ep["failed"] and not ep["success"]
+    assert result["success_rate"] == 0.0 and result["num_success"] == 0

@@ -86,12 +86,13 @@ def test_odd_size_is_padded_to_even(tmp_path):
 
 def test_temp_file_until_close(tmp_path):
     path = str(tmp_path / "ep.mp4")
-    assert temp_path_for(path) == str(tmp_path / ".ep.tmp.mp4")
+    tmp_name = ".ep.tmp-%d.mp4" % os.getpid()
+    assert temp_path_for(path) == str(tmp_path / tmp_name)
     video = VideoWriter(path, fps=20)
     for f in _frames(3):
         video.append(f)
     # nothing under the final name while writing (ffmpeg creates the temp file once it has encoded a frame)
-    assert os.listdir(tmp_path) in ([], [".ep.tmp.mp4"])
+    assert os.listdir(tmp_path) in ([], [tmp_name])
     video.close()
     assert os.path.exists(path) and not os.path.exists(temp_path_for(path))
 
@@ -142,3 +143,18 @@ def test_float_frames_in_unit_range_are_converted(tmp_path):
     frames = [np.full((16, 16, 3), 0.5, np.float32) for _ in range(3)]
     decoded, _ = _decode(write_video(str(tmp_path / "f.mp4"), frames))
     assert len(decoded) == 3 and abs(float(decoded[0].mean()) - 128) < 4
+
+
+def test_a_file_damaged_while_finishing_never_gets_the_final_name(tmp_path, monkeypatch):
+    """imageio-ffmpeg does not check ffmpeg's exit status; a truncated file must not be renamed into place."""
+    import imageio_ffmpeg
+
+    path = str(tmp_path / "ep.mp4")
+    real = imageio_ffmpeg.count_frames_and_secs
+    monkeypatch.setattr(imageio_ffmpeg, "count_frames_and_secs", lambda p: (real(p)[0] - 1, 0.0))
+    video = VideoWriter(path, fps=20)
+    for f in _frames(4):
+        video.append(f)
+    with pytest.raises(DpftError, match="damaged .3 of 4 frames decode.; nothing was written under the final name"):
+        video.close()
+    assert os.listdir(tmp_path) == []

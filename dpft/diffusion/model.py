@@ -411,7 +411,7 @@ class DiffusionModel(nn.Module):
         n = self.num_sampling_steps
         steps = torch.arange(n - kp, n, device=chain.device).repeat(b)  # (B*K',)
         mean, std = self._raw_step(x_prev, steps, c, self.ddim_eta, use_ft=use_ft)
-        log_prob = Normal(mean, self._logprob_std(std)).log_prob(x_next)
+        log_prob = Normal(mean, self._logprob_std(std), validate_args=False).log_prob(x_next)
         return log_prob.reshape(b, kp, self.horizon_steps, self.action_dim)
 
     def step_log_prob(
@@ -436,4 +436,4 @@ class DiffusionModel(nn.Module):
         use_ft = self.ft_network is not None
         steps = idx + (self.num_sampling_steps - kp)
         mean, std = self._raw_step(x_k, steps, self._cond_for(cond, use_ft), self.ddim_eta, use_ft=use_ft)
-        return Normal(mean, self._logprob_std(std)).log_prob(x_next)
+        return Normal(mean, self._logprob_std(std), validate_args=False).log_prob(x_next)
