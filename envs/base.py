@@ -86,7 +86,8 @@ class StepResult:
         terminated: ``(N,)`` bool, the episode ended by the task (no bootstrapping).
         truncated: ``(N,)`` bool, the episode hit its time limit or was cut (bootstrap from ``final_obs``).
         success: ``(N,)`` bool, task success was reached at some step of the episode so far (for envs whose
-            episode ended in this chunk: of that finished episode).
+            episode ended in this chunk: of that finished episode). An episode cut by a fault (a dead worker,
+            a raising env, a NaN observation or reward) is never a success.
         final_obs: ``{key: (N, To, *shape)}``: the last observation history of episodes that ended in this
             chunk (before reset); rows of other envs equal ``obs``.
         info: extra per-batch information (e.g. ``"steps"``: (N,) env steps executed in this chunk,

@@ -727,6 +727,9 @@ class VectorEnv(BatchedEnv):
                     fail_reason[i] = "env %d raised %s: %s at env step %d of the episode with seed %s" % (
                         i, value["type"], value["message"], self._ep_length[i], self._ep_seed[i])
                 finals[i] = self._hist[i]
+            if failed[i]:  # an episode cut by a fault is not a success, whatever it reached before (as FurnitureEnv)
+                self._ep_success[i] = False
+                success[i] = False
             if self._fail_streak[i] >= self.max_consecutive_failures:
                 raise WorkerError("env %d failed %d times in a row; last failure: %s"
                                   % (i, self._fail_streak[i], fail_reason[i]))

@@ -398,3 +398,13 @@ def test_an_episode_cut_after_reaching_success_counts_as_a_failure(tmp_path):
     ep = result["episodes"][0]
     assert ep["failed"] and not ep["success"]
     assert result["success_rate"] == 0.0 and result["num_success"] == 0
+    # the batched env itself reports it so, for every consumer (RL agents too)
+    with VectorEnv(fns_, cond_steps=1, act_steps=4, mode="inline") as venv:
+        obs = venv.reset([41])
+        policy = ScriptedReachPolicy()
+        while True:
+            res = venv.step(policy.act(obs))
+            obs = res.obs
+            if res.done[0]:
+                break
+        assert res.info["failed"][0] and not res.success[0]
