@@ -74,6 +74,12 @@ class Env:
     def close(self) -> None:
         pass
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 @dataclass
 class StepResult:
@@ -89,7 +95,8 @@ class StepResult:
             episode ended in this chunk: of that finished episode). An episode cut by a fault (a dead worker,
             a raising env, a NaN observation or reward) is never a success.
         final_obs: ``{key: (N, To, *shape)}``: the last observation history of episodes that ended in this
-            chunk (before reset); rows of other envs equal ``obs``.
+            chunk (before reset); rows of other envs equal ``obs`` (when no episode ended it may be ``obs``
+            itself: treat both as read-only).
         info: extra per-batch information (e.g. ``"steps"``: (N,) env steps executed in this chunk,
             ``"nan_resets"``, ``"episode_return"``/``"episode_length"`` arrays for finished episodes,
             ``"failed"``: (N,) bool + ``"fail_reason"`` list when a worker died).

@@ -241,9 +241,3 @@ class GymEnv(Env):
             self.env.close()
         except Exception:  # pragma: no cover - best effort at shutdown
             pass
-
-    def __enter__(self) -> "GymEnv":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -681,9 +681,3 @@ class RobosuiteEnv(Env):
             self.env.close()
         except Exception as e:  # pragma: no cover - best effort at shutdown
             logger.debug("closing robosuite env failed: %s", e)
-
-    def __enter__(self) -> "RobosuiteEnv":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

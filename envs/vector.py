@@ -755,10 +755,12 @@ class VectorEnv(BatchedEnv):
                 self._reset_indices([i], [seed])
 
         obs = self._batched_obs()
-        final_obs = {k: v.copy() for k, v in obs.items()}
-        for i, hist in finals.items():
-            for k in final_obs:
-                final_obs[k][i] = hist[k]
+        final_obs = obs  # the same arrays when no episode ended (the common case): no per-chunk copy
+        if finals:
+            final_obs = {k: v.copy() for k, v in obs.items()}
+            for i, hist in finals.items():
+                for k in final_obs:
+                    final_obs[k][i] = hist[k]
         info: Dict[str, Any] = {
             "steps": steps, "failed": failed, "fail_reason": fail_reason, "nan_resets": nan_resets,
             "episode_return": episode_return, "episode_length": episode_length, "episodes": episodes,

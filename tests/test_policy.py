@@ -20,6 +20,17 @@ KEYS = ["robot0_eef_pos", "object"]
 SCALE, SHIFT = 5.0, 3.0  # actions are stored as SCALE * a + SHIFT so raw and normalized ranges differ
 
 
+def _pretrain(path, out, overrides):
+    """Pretrain on ``path`` into ``out`` with one thread, quietly, no validation split; torch's thread count is
+    restored afterwards so other tests are unaffected."""
+    n = torch.get_num_threads()
+    try:
+        pretrain(compose("pretrain", ["dataset=" + path, "out=" + out, "obs_keys=[%s]" % ",".join(KEYS),
+                                      "++num_threads=1", "++progress=false", "++data.valid_ratio=0"] + overrides))
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A diffusion_mlp trained 100 steps on learnable demos with actions in about [-2, 8]."""
@@ -31,13 +42,10 @@ def run(tmp_path_factory):
             a = f["data/%s/actions" % name]
             a[...] = a[...] * SCALE + SHIFT
     out = str(root / "run")
-    n = torch.get_num_threads()
-    pretrain(compose("pretrain", [
-        "dataset=" + path, "out=" + out, "obs_keys=[%s]" % ",".join(KEYS), "++policy.mlp_dims=[64,64,64]",
-        "++policy.denoising_steps=5", "++steps=100", "++batch_size=64", "++save_every=100", "++log_every=50",
-        "++val_every=0", "++warmup_steps=5", "++lr=3e-3", "++act_steps=2", "++ema_decay=0.9", "++num_threads=1",
-        "++progress=false", "++data.valid_ratio=0"]))
-    torch.set_num_threads(n)
+    _pretrain(path, out, [
+        "++policy.mlp_dims=[64,64,64]", "++policy.denoising_steps=5", "++steps=100", "++batch_size=64",
+        "++save_every=100", "++log_every=50", "++val_every=0", "++warmup_steps=5", "++lr=3e-3", "++act_steps=2",
+        "++ema_decay=0.9"])
     with h5py.File(path, "r") as f:
         names = sorted(f["data"], key=lambda s: int(s.split("_")[1]))
         obs = {k: np.concatenate([f["data/%s/obs/%s" % (d, k)][:28] for d in names]) for k in KEYS}
@@ -169,13 +177,9 @@ def test_stochastic_gaussian_actions_stay_in_the_data_range(tmp_path):
     path = str(tmp_path / "learnable.hdf5")
     write_learnable_hdf5(path)
     out = str(tmp_path / "gauss")
-    n = torch.get_num_threads()
-    pretrain(compose("pretrain", [
-        "dataset=" + path, "out=" + out, "obs_keys=[%s]" % ",".join(KEYS), "policy=gaussian_mlp",
-        "policy.mlp_dims=[32,32]", "policy.init_std=1.0", "policy.std_max=1.0", "steps=2", "batch_size=16",
-        "save_every=2", "val_every=0", "num_threads=1", "progress=false", "data.valid_ratio=0", "horizon_steps=1",
-        "act_steps=1", "ema_decay=0"]))
-    torch.set_num_threads(n)
+    _pretrain(path, out, [
+        "policy=gaussian_mlp", "policy.mlp_dims=[32,32]", "policy.init_std=1.0", "policy.std_max=1.0", "steps=2",
+        "batch_size=16", "save_every=2", "val_every=0", "horizon_steps=1", "act_steps=1", "ema_decay=0"])
     policy = dpft.load_policy(out)
     with h5py.File(path, "r") as f:
         names = sorted(f["data"], key=lambda s: int(s.split("_")[1]))
