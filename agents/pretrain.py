@@ -3,7 +3,7 @@
 Python use (the CLI ``dpft pretrain key=value ...`` calls the same function)::
 
     from dpft.config import compose
-    from agents.pretrain import pretrain
+    from dpft.agents.pretrain import pretrain
     cfg = compose("pretrain", ["dataset=low_dim.hdf5", "out=runs/can", "steps=5000"])
     ckpt_dir = pretrain(cfg)               # runs/can/checkpoints/step_00005000
     policy = dpft.load_policy("runs/can")  # EMA weights

@@ -4,9 +4,9 @@ The whole pipeline on the built-in default data, sized to finish in a few minute
 stage is the library call a user would make from Python, and each is skipped when its output is already
 complete, so re-running resumes instead of starting over:
 
-1. :func:`envs.demos.make_demos` writes ``OUT/lift_demos.hdf5`` (scripted robosuite expert);
-2. :func:`agents.pretrain.pretrain` trains a DDPM MLP diffusion policy into ``OUT/run`` (resumes a killed run);
-3. :func:`envs.rollout.rollout_checkpoint` rolls the EMA weights out in Lift and writes ``OUT/rollout``
+1. :func:`dpft.envs.demos.make_demos` writes ``OUT/lift_demos.hdf5`` (scripted robosuite expert);
+2. :func:`dpft.agents.pretrain.pretrain` trains a DDPM MLP diffusion policy into ``OUT/run`` (resumes a killed run);
+3. :func:`dpft.envs.rollout.rollout_checkpoint` rolls the EMA weights out in Lift and writes ``OUT/rollout``
    (``result.json`` and MP4 videos).
 """
 from __future__ import annotations
@@ -94,10 +94,10 @@ def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise
     """Run the three stages and return the rollout result (a dict, also in ``OUT/rollout/result.json``)."""
     import time
 
-    from agents.pretrain import pretrain
+    from dpft.agents.pretrain import pretrain
     from dpft.config import compose
-    from envs.demos import make_demos
-    from envs.rollout import rollout_checkpoint
+    from dpft.envs.demos import make_demos
+    from dpft.envs.rollout import rollout_checkpoint
 
     t0 = time.time()
     os.makedirs(out, exist_ok=True)

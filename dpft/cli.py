@@ -101,7 +101,7 @@ def cmd_pretrain(args: List[str]) -> int:
     cfg = _compose_or_help("pretrain", args)
     if cfg is None:
         return 0
-    from agents.pretrain import pretrain
+    from dpft.agents.pretrain import pretrain
 
     pretrain(cfg)  # prints where the final checkpoint and loss curve are
     return 0
@@ -111,7 +111,7 @@ def cmd_demos(args: List[str]) -> int:
     cfg = _compose_or_help("demos", args)
     if cfg is None:
         return 0
-    from envs.demos import make_demos
+    from dpft.envs.demos import make_demos
 
     summary = make_demos(
         task=cfg.task, num=cfg.num, out=cfg.out, seed=cfg.seed, noise=cfg.noise, image_obs=cfg.image_obs,
@@ -127,10 +127,10 @@ def cmd_rollout(args: List[str]) -> int:
     cfg = _compose_or_help("rollout", args)
     if cfg is None:
         return 0
-    from envs.registry import import_isaacgym_if_needed
+    from dpft.envs.registry import import_isaacgym_if_needed
 
     import_isaacgym_if_needed(cfg.checkpoint)  # before anything imports torch
-    from envs.rollout import rollout_checkpoint
+    from dpft.envs.rollout import rollout_checkpoint
 
     out = cfg.out
     if out is None:  # default: RUN_DIR/rollout/step_XXXXXXXX, next to the checkpoint it evaluates
@@ -152,7 +152,7 @@ def cmd_rollout(args: List[str]) -> int:
 
 def cmd_quickstart(args: List[str]) -> int:
     want_help, _, rest = _split_help(args)
-    from agents.quickstart import QUICKSTART_HELP, quickstart, parse_quickstart_args
+    from dpft.agents.quickstart import QUICKSTART_HELP, quickstart, parse_quickstart_args
 
     if want_help:
         print(QUICKSTART_HELP)

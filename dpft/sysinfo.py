@@ -38,7 +38,7 @@ def system_report() -> str:
         lines.append(f"{name:<11} {_version(name)}")
     user_gl = os.environ.get("MUJOCO_GL")
     try:
-        from envs.render import rendering_info, setup_rendering
+        from dpft.envs.render import rendering_info, setup_rendering
 
         backend = setup_rendering(require=False)
         renderer = rendering_info().get("gl_renderer") or "unknown"

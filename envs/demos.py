@@ -1,6 +1,6 @@
 """Scripted-expert demonstrations written as robomimic HDF5 files.
 
-:func:`make_demos` runs the scripted experts of :mod:`envs.experts` in :class:`envs.robosuite_env.RobosuiteEnv`
+:func:`make_demos` runs the scripted experts of :mod:`dpft.envs.experts` in :class:`dpft.envs.robosuite_env.RobosuiteEnv`
 and writes the file the way robomimic's / robosuite's dataset tools do::
 
     data                      attrs: total (int, all samples), env_args (JSON of the env_args used)
@@ -22,7 +22,7 @@ when complete, so an interrupted run never leaves a truncated file under the fin
 
 Example::
 
-    from envs.demos import make_demos
+    from dpft.envs.demos import make_demos
     summary = make_demos("lift", num=100, out="data/lift_expert.hdf5", noise=0.3)
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from dpft.errors import DpftError
-from envs.experts import EXPERTS, Expert
+from dpft.envs.experts import EXPERTS, Expert
 
 #: steps recorded after the first success (the demo ends in a success state)
 POST_SUCCESS_STEPS = 10
@@ -142,7 +142,7 @@ def run_episode(env: Any, expert: Expert, seed: int, keys: Sequence[str], max_st
     """Run one expert episode in a RobosuiteEnv and record it (observations as in :func:`observe`).
 
     Args:
-        env: :class:`envs.robosuite_env.RobosuiteEnv` of the expert's task.
+        env: :class:`dpft.envs.robosuite_env.RobosuiteEnv` of the expert's task.
         expert: the scripted expert (reset here with ``rng``).
         seed: episode seed (``env.reset(seed)``).
         keys: observation keys to record (``<camera>_image`` keys are rendered at ``camera_size``).
@@ -223,7 +223,7 @@ def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0,
     """Generate ``num`` scripted-expert demonstrations of ``task`` into the robomimic HDF5 file ``out``.
 
     Args:
-        task: a task with a scripted expert (a key of :data:`envs.experts.EXPERTS`: ``lift``, ``can``, ...).
+        task: a task with a scripted expert (a key of :data:`dpft.envs.experts.EXPERTS`: ``lift``, ``can``, ...).
         num: demonstrations to keep.
         out: destination ``.hdf5`` path (parent directories are created; an existing file is replaced).
         seed: episode ``i`` (counting attempts) is seeded ``seed + i`` (env reset and expert noise); the
@@ -246,7 +246,7 @@ def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0,
     _check_args(task, num, noise, valid_ratio, max_steps, seed)
     import h5py
 
-    from envs.robosuite_env import RobosuiteEnv, default_env_args
+    from dpft.envs.robosuite_env import RobosuiteEnv, default_env_args
 
     num, seed, noise = int(num), int(seed), float(noise)
     if isinstance(camera_names, str):

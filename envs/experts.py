@@ -11,7 +11,7 @@ site, bin / peg placements) that emits robosuite OSC_POSE delta actions ``(7,)``
   the position task near the workspace edge);
 * ``a[6]``: gripper, -1 opens and +1 closes.
 
-Experts (measured success with robosuite 1.5.2 in :class:`envs.robosuite_env.RobosuiteEnv`, 20 seeds each:
+Experts (measured success with robosuite 1.5.2 in :class:`dpft.envs.robosuite_env.RobosuiteEnv`, 20 seeds each:
 100% at noise 0 and at noise 0.5 for all three):
 
 * :class:`LiftExpert` (robosuite ``Lift``): above the cube (+10 cm) -> descend -> close (~10 steps) -> lift
@@ -77,7 +77,7 @@ def _quat_yaw(q: np.ndarray) -> float:
 
 
 def raw_robosuite_env(env: Any) -> Any:
-    """The raw robosuite env behind ``env`` (a :class:`envs.robosuite_env.RobosuiteEnv` or a robosuite env)."""
+    """The raw robosuite env behind ``env`` (a :class:`dpft.envs.robosuite_env.RobosuiteEnv` or a robosuite env)."""
     raw = env
     for _ in range(4):
         if hasattr(raw, "sim") and hasattr(raw, "robots"):
@@ -86,7 +86,7 @@ def raw_robosuite_env(env: Any) -> Any:
         if raw is None:
             break
     raise DpftError(
-        "A scripted expert needs a robosuite environment (an envs.robosuite_env.RobosuiteEnv or a raw robosuite "
+        "A scripted expert needs a robosuite environment (an dpft.envs.robosuite_env.RobosuiteEnv or a raw robosuite "
         "env with .sim and .robots); got {!r}.".format(type(env).__name__)
     )
 

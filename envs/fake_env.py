@@ -1,4 +1,4 @@
-"""A cheap deterministic :class:`~envs.base.Env` for tests and examples: a point mass reaching a goal.
+"""A cheap deterministic :class:`~dpft.envs.base.Env` for tests and examples: a point mass reaching a goal.
 
 The state is the point position ``p`` (3,) and the goal ``g`` (3,), both drawn uniformly from
 ``[-0.5, 0.5]^3`` by ``reset(seed)`` (``numpy.random.default_rng(seed)``: same seed, same episode). One step
@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from envs.base import Env, ObsDict
+from dpft.envs.base import Env, ObsDict
 
 
 class FakeEnv(Env):

@@ -3,7 +3,7 @@
 **Import order.** Isaac Gym refuses to load once PyTorch is imported ("PyTorch was imported before isaacgym
 modules"), and dpft's policy/model modules (like most of its dependencies) import torch. This module tries
 ``from isaacgym import gymapi`` as its *first* statement, before it imports anything that pulls in torch.
-Users of this backend must import :mod:`envs.furniture` (or call :func:`import_isaacgym_first`, which
+Users of this backend must import :mod:`dpft.envs.furniture` (or call :func:`import_isaacgym_first`, which
 the CLI does first thing) before ``import torch`` / ``import dpft`` / anything torch-based. Keep
 ``envs/__init__.py`` free of torch imports for the same reason. Without Isaac Gym this module still imports
 (the fake env and the data converter need only torch); :func:`make_furniture_env` then raises a
@@ -40,7 +40,7 @@ furniture-bench``; clvrai's original lacks ``furniture_rl_sim_env``); ``numpy<1.
 * NaN/Inf observations (an Isaac Gym fault; DPPO's README lists it as unhandled): detected per env after
   every inner step; that episode ends as truncated and unsuccessful, its reward from that step on is
   dropped, its history keeps the last finite observation, and it is reset (``info["nan_resets"]`` and
-  ``info["failed"]`` mark it, as in :mod:`envs.vector`; :attr:`FurnitureEnv.nan_resets_total` counts
+  ``info["failed"]`` mark it, as in :mod:`dpft.envs.vector`; :attr:`FurnitureEnv.nan_resets_total` counts
   them). A reset that still yields non-finite values is retried (``max_nan_reset_attempts``); after that
   the values are replaced by 0 (``info["nan_unrecovered"]``), so NaN never reaches the caller.
 
@@ -66,8 +66,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dpft.errors import DpftError  # noqa: E402
-from envs.base import BatchedEnv, StepResult  # noqa: E402
-from envs.rotation import robot_state_quat_to_rot6d  # noqa: E402
+from dpft.envs.base import BatchedEnv, StepResult  # noqa: E402
+from dpft.envs.rotation import robot_state_quat_to_rot6d  # noqa: E402
 
 __all__ = [
     "TASKS",
@@ -147,8 +147,8 @@ def isaacgym_install_message(cause: Optional[BaseException] = None) -> str:
         lower = text.lower()
         if "imported before isaacgym" in lower or ("torch" in lower and "before" in lower):
             reason = (
-                "Isaac Gym refused to load because PyTorch was imported first: import envs.furniture (or "
-                "call envs.furniture.import_isaacgym_first()) before anything that imports torch, "
+                "Isaac Gym refused to load because PyTorch was imported first: import dpft.envs.furniture (or "
+                "call dpft.envs.furniture.import_isaacgym_first()) before anything that imports torch, "
                 "including `import dpft`. "
             )
         else:
@@ -161,7 +161,7 @@ def isaacgym_install_message(cause: Optional[BaseException] = None) -> str:
         "run `pip install -e isaacgym/python`, then install ankile's furniture-bench fork with "
         "`git clone %s && pip install -e furniture-bench` (clvrai's original lacks furniture_rl_sim_env), "
         "keep numpy<1.24, and if libpython3.8.so is not found set LD_LIBRARY_PATH to your environment's lib "
-        "directory. To dry-run configs without a simulator use envs.furniture_fake.FakeFurnitureRLSimEnv."
+        "directory. To dry-run configs without a simulator use dpft.envs.furniture_fake.FakeFurnitureRLSimEnv."
         % (reason, py, _FORK_URL)
     )
 
@@ -354,7 +354,7 @@ def _check_positive_int(name: str, value: Any) -> None:
 
 
 class FurnitureEnv(BatchedEnv):
-    """A constructed ``FurnitureRLSimEnv`` (real or fake) as a :class:`~envs.base.BatchedEnv`.
+    """A constructed ``FurnitureRLSimEnv`` (real or fake) as a :class:`~dpft.envs.base.BatchedEnv`.
 
     See the module docstring for observation, action, reward, reset and NaN semantics.
 
@@ -522,8 +522,8 @@ class FurnitureEnv(BatchedEnv):
         """Execute ``action_chunk`` ``(N, act_steps, 10)`` raw absolute-pose actions; auto-reset ended envs.
 
         Returns:
-            :class:`~envs.base.StepResult` (numpy, or torch when ``return_torch``). ``info`` (numpy and
-            Python values, the keys :class:`envs.vector.VectorEnv` uses): ``steps`` (N,) env steps counted
+            :class:`~dpft.envs.base.StepResult` (numpy, or torch when ``return_torch``). ``info`` (numpy and
+            Python values, the keys :class:`dpft.envs.vector.VectorEnv` uses): ``steps`` (N,) env steps counted
             in this chunk; ``nan_resets`` and ``failed`` (N,) bool, the episode was cut by a non-finite
             observation; ``fail_reason`` list of str/None; ``episode_return`` (N,) float64 and
             ``episode_length`` (N,) int64 of episodes that ended (NaN / -1 elsewhere); ``episodes``: one

@@ -2,8 +2,8 @@
 
 Use it to dry-run FurnitureBench configs and in tests::
 
-    from envs.furniture import make_furniture_env
-    from envs.furniture_fake import FakeFurnitureRLSimEnv
+    from dpft.envs.furniture import make_furniture_env
+    from dpft.envs.furniture_fake import FakeFurnitureRLSimEnv
     env = make_furniture_env("one_leg", num_envs=4, device="cpu", env_cls=FakeFurnitureRLSimEnv)
 
 What matches the fork (ankile/furniture-bench 52e7c68, ``furniture_bench/envs/furniture_rl_sim_env.py``):
@@ -57,8 +57,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from envs.furniture import DEFAULT_STATE_OBS, TASKS
-from envs.rotation import (
+from dpft.envs.furniture import DEFAULT_STATE_OBS, TASKS
+from dpft.envs.rotation import (
     axis_angle_to_quat_xyzw,
     quat_conjugate,
     quat_multiply,

@@ -1,4 +1,4 @@
-"""gymnasium MuJoCo locomotion tasks (Hopper, Walker2d, HalfCheetah v5) behind the :class:`envs.base.Env` contract.
+"""gymnasium MuJoCo locomotion tasks (Hopper, Walker2d, HalfCheetah v5) behind the :class:`dpft.envs.base.Env` contract.
 
 The observation is one key, ``"obs"``: the state vector gymnasium returns (float64; Hopper ``(11,)``, Walker2d
 ``(17,)``, HalfCheetah ``(17,)``). ``terminated`` / ``truncated`` are gymnasium's (plus this adapter's own time limit
@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from dpft.errors import DpftError
-from envs.base import Env, ObsDict, resolve_task_name
-from envs.render import setup_rendering
+from dpft.envs.base import Env, ObsDict, resolve_task_name
+from dpft.envs.render import setup_rendering
 
 #: short task name -> gymnasium id
 GYM_TASKS = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5"}

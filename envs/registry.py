@@ -1,15 +1,15 @@
-"""Build an :class:`envs.base.Env` from robomimic ``env_args`` (what a dataset or checkpoint stores).
+"""Build an :class:`dpft.envs.base.Env` from robomimic ``env_args`` (what a dataset or checkpoint stores).
 
 ``env_args["type"]`` picks the backend, as in robomimic's EnvType: ``1`` robosuite (:class:`RobosuiteEnv`; robosuite
 <= 1.4 configs of published datasets are converted automatically), ``2`` gymnasium MuJoCo (:class:`GymEnv`).
-FurnitureBench (``"furniture"``) is GPU-batched and has its own constructor, ``envs.furniture.make_furniture_env``.
+FurnitureBench (``"furniture"``) is GPU-batched and has its own constructor, ``dpft.envs.furniture.make_furniture_env``.
 
 Worker processes of the vector env receive an :class:`EnvFactory` (plain data, picklable) and call it to build
 their env, so no simulator or GL context ever crosses a process boundary.
 
 Example::
 
-    from envs.registry import env_args_for_task, make_env, EnvFactory
+    from dpft.envs.registry import env_args_for_task, make_env, EnvFactory
     env = make_env(env_args_for_task("lift"), obs_keys=["robot0_eef_pos", "object"])
     factory = EnvFactory(env_args_for_task("hopper"), kwargs={"max_episode_steps": 1000})
     env2 = factory()
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from dpft.errors import DpftError
-from envs.base import Env
+from dpft.envs.base import Env
 
 #: robomimic EnvType values handled here
 ENV_TYPES = {1: "robosuite", 2: "gym"}
@@ -78,7 +78,7 @@ def import_isaacgym_if_needed(checkpoint: str) -> None:
             except (OSError, ValueError, DpftError):
                 return  # loading the checkpoint reports the problem properly
             if furniture:
-                from envs.furniture import import_isaacgym_first
+                from dpft.envs.furniture import import_isaacgym_first
 
                 import_isaacgym_first()
             return
@@ -106,32 +106,32 @@ def make_env(env_args: Dict[str, Any], obs_keys: Optional[List[str]] = None, **k
     if env_type in ENV_TYPES and env_args["type"] != env_type:
         env_args = dict(env_args, type=env_type)  # "1" -> 1
     if env_type == 1:
-        from envs.robosuite_env import RobosuiteEnv
+        from dpft.envs.robosuite_env import RobosuiteEnv
 
         return RobosuiteEnv(env_args, obs_keys=obs_keys, **kwargs)
     if env_type == 2:
-        from envs.gym_env import GymEnv
+        from dpft.envs.gym_env import GymEnv
 
         return GymEnv(env_args, obs_keys=obs_keys, **kwargs)
     if env_type == "furniture":
         raise DpftError(
             "FurnitureBench environments are GPU-batched (Isaac Gym, many envs in one process) and are built with "
-            "envs.furniture.make_furniture_env(...), which returns a BatchedEnv; make_env() builds single envs only."
+            "dpft.envs.furniture.make_furniture_env(...), which returns a BatchedEnv; make_env() builds single envs only."
         )
     raise DpftError("Unknown env_args['type'] {!r}; supported: 1 (robosuite), 2 (gym), 'furniture' "
-                    "(envs.furniture.make_furniture_env).".format(env_args.get("type")))
+                    "(dpft.envs.furniture.make_furniture_env).".format(env_args.get("type")))
 
 
 def env_args_for_task(task: str, image_obs: bool = False) -> Dict[str, Any]:
     """``env_args`` for a task name: robosuite ``lift``, ``can``, ``square``, ``transport`` or gym ``hopper``,
     ``walker2d``, ``halfcheetah`` (robosuite / gymnasium ids such as ``Lift`` or ``Hopper-v5`` work too)."""
-    from envs.gym_env import GYM_TASKS, default_gym_env_args
-    from envs.robosuite_env import TASKS
+    from dpft.envs.gym_env import GYM_TASKS, default_gym_env_args
+    from dpft.envs.robosuite_env import TASKS
 
     if isinstance(task, str):
         low = task.lower()
         if low in TASKS or low in (v.lower() for v in TASKS.values()):
-            from envs.robosuite_env import default_env_args
+            from dpft.envs.robosuite_env import default_env_args
 
             return default_env_args(task, image_obs=image_obs)
         if low in GYM_TASKS or low in (v.lower() for v in GYM_TASKS.values()):

@@ -20,7 +20,7 @@ Rules (see the reference notes on headless rendering):
 
 Example::
 
-    from envs.render import setup_rendering
+    from dpft.envs.render import setup_rendering
     backend = setup_rendering()          # e.g. "egl"; call before importing mujoco / robosuite
 """
 from __future__ import annotations
@@ -224,7 +224,7 @@ def _warn_if_mujoco_disagrees(backend: str) -> None:
     if imported is not None and backend and imported != backend:
         logger.warning(
             "rendering: mujoco was imported before setup_rendering() and picked the %s backend, not %s; rendering "
-            "in this process may fail. Call envs.render.setup_rendering() before importing mujoco or robosuite.",
+            "in this process may fail. Call dpft.envs.render.setup_rendering() before importing mujoco or robosuite.",
             imported, backend,
         )
 

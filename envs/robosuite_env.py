@@ -1,4 +1,4 @@
-"""robosuite 1.5 tasks (Lift, PickPlaceCan, NutAssemblySquare, TwoArmTransport, ...) behind the :class:`envs.base.Env`
+"""robosuite 1.5 tasks (Lift, PickPlaceCan, NutAssemblySquare, TwoArmTransport, ...) behind the :class:`dpft.envs.base.Env`
 contract, with robomimic's observation names and robomimic ``env_args`` as the description of an environment.
 
 * :func:`default_env_args` builds the robomimic ``env_args`` dict (``{"env_name", "env_version", "type": 1,
@@ -12,7 +12,7 @@ contract, with robomimic's observation names and robomimic ``env_args`` as the d
   ... (every ``robot<i>_*`` observable except ``proprio-state``), ``object`` (robosuite's ``object-state``) and
   images ``<camera>_image`` uint8 ``(H, W, 3)`` upright. Low-dim values are float64 as robosuite makes them.
 
-robosuite is imported lazily (inside functions), after :func:`envs.render.setup_rendering` picked the GL backend.
+robosuite is imported lazily (inside functions), after :func:`dpft.envs.render.setup_rendering` picked the GL backend.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dpft.errors import DpftError
-from envs.base import Env, ObsDict, resolve_task_name
-from envs.render import setup_rendering
+from dpft.envs.base import Env, ObsDict, resolve_task_name
+from dpft.envs.render import setup_rendering
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ policy); :func:`rollout_checkpoint` loads a checkpoint with :func:`dpft.load_pol
 checkpoint's ``env_args`` and calls :func:`rollout`.
 
 Seeds: episode ``i`` (0-based) always runs with seed ``seed + i``, whichever env runs it, and the seed is written
-per episode into ``result.json``. With a :class:`~envs.vector.VectorEnv` the first ``num_envs`` episodes start
+per episode into ``result.json``. With a :class:`~dpft.envs.vector.VectorEnv` the first ``num_envs`` episodes start
 at once; when envs finish in a chunk they take the next unassigned episode indices in env order, and envs with
-nothing left stay idle (not stepped, not given to the policy). Any other :class:`~envs.base.BatchedEnv` is run in
+nothing left stay idle (not stepped, not given to the policy). Any other :class:`~dpft.envs.base.BatchedEnv` is run in
 waves of ``num_envs`` episodes (``reset(seeds)``, step until each env finished its first episode).
 
 Files (``out_dir``):
@@ -16,7 +16,7 @@ Files (``out_dir``):
   renamed when complete; a stale ``result.json`` is removed when the rollout starts, so an interrupted rollout
   never leaves a result under the final name.
 * ``videos/episode_{i:03d}.mp4``: the first ``video`` episodes (frame after the reset, then one per env step),
-  written atomically by :func:`envs.video.write_video` as each episode finishes.
+  written atomically by :func:`dpft.envs.video.write_video` as each episode finishes.
 
 Ctrl-C or an exception closes the envs the rollout built (worker processes included) and re-raises.
 """
@@ -33,8 +33,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from dpft.errors import DpftError
-from envs.base import BatchedEnv, Env, ObsDict
-from envs.vector import VectorEnv
+from dpft.envs.base import BatchedEnv, Env, ObsDict
+from dpft.envs.vector import VectorEnv
 
 RESULT_NAME = "result.json"
 
@@ -124,7 +124,7 @@ class _Recorder:
         video_rel = None
         frames = ep.get("frames")
         if index < self.n_video and frames is not None and len(frames) > 0:
-            from envs.video import write_video
+            from dpft.envs.video import write_video
 
             video_rel = os.path.join("videos", "episode_%03d.mp4" % index)
             t0 = time.perf_counter()
@@ -375,8 +375,8 @@ def rollout(
         policy: object with ``act(obs, deterministic) -> (B, act_steps, Da)`` raw actions, given
             ``{key: (B, To, *shape)}`` raw observations, and ``meta`` (``obs_keys``, ``cond_steps``, ``act_steps``,
             ``action_dim``; a :class:`dpft.policy.Policy`).
-        env: a :class:`~envs.base.BatchedEnv` (left open; its ``cond_steps``/``act_steps`` must match the policy)
-            or a list of env factories (a :class:`~envs.vector.VectorEnv` with one env per factory, at most
+        env: a :class:`~dpft.envs.base.BatchedEnv` (left open; its ``cond_steps``/``act_steps`` must match the policy)
+            or a list of env factories (a :class:`~dpft.envs.vector.VectorEnv` with one env per factory, at most
             ``episodes``, is built in ``mode`` and closed at the end).
         episodes: number of episodes; episode ``i`` uses seed ``seed + i``.
         video: number of episodes to record (the first ones), True for all, False for none (needs ``out_dir``
@@ -481,7 +481,7 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
 def env_mode_for(env_args: Dict[str, Any]) -> str:
     """``"inline"`` for gymnasium envs (cheap; IPC would cost more than the step), ``"process"`` otherwise
     (robosuite: ~10 ms per step, worth one process per env)."""
-    from envs.registry import env_kind
+    from dpft.envs.registry import env_kind
 
     return "inline" if env_kind(env_args) == "gym" else "process"
 
@@ -514,9 +514,9 @@ def rollout_checkpoint(
     :func:`rollout`, prints a one-line summary and returns the result dict (also in ``out_dir/result.json``).
 
     robosuite (``type`` 1) envs run in worker processes and gymnasium (``type`` 2) envs in this process, each
-    built by :class:`envs.registry.EnvFactory` with ``env_options`` (keyword arguments of
-    :func:`envs.registry.make_env`: ``max_episode_steps``, ``terminate_on_success``, ...). FurnitureBench
-    (``type`` ``"furniture"``) is built with :func:`envs.furniture.make_furniture_env` on the GPU (``device``
+    built by :class:`dpft.envs.registry.EnvFactory` with ``env_options`` (keyword arguments of
+    :func:`dpft.envs.registry.make_env`: ``max_episode_steps``, ``terminate_on_success``, ...). FurnitureBench
+    (``type`` ``"furniture"``) is built with :func:`dpft.envs.furniture.make_furniture_env` on the GPU (``device``
     when it is a CUDA device, else ``"cuda"``) and run in waves; it cannot record videos.
 
     Raises:
@@ -528,7 +528,7 @@ def rollout_checkpoint(
                         "used) or a checkpoint directory (RUN_DIR/checkpoints/step_XXXXXXXX)." % path)
     if isinstance(num_envs, bool) or (num_envs is not None and int(num_envs) < 1):
         raise DpftError("rollout_checkpoint: num_envs must be >= 1, got %r." % (num_envs,))
-    from envs.registry import import_isaacgym_if_needed
+    from dpft.envs.registry import import_isaacgym_if_needed
 
     import_isaacgym_if_needed(path)  # Isaac Gym refuses to load after torch
     import dpft
@@ -539,7 +539,7 @@ def rollout_checkpoint(
     if not env_args:
         raise DpftError("Checkpoint %s has no env_args in its meta.json (the training dataset had no "
                         "data.attrs['env_args']), so its env cannot be rebuilt; build the env yourself and call "
-                        "envs.rollout.rollout(policy, env_fns, ...)." % path)
+                        "dpft.envs.rollout.rollout(policy, env_fns, ...)." % path)
     if env_overrides:
         env_args = _merge(env_args, env_overrides)
     num_envs = int(num_envs) if num_envs is not None else max(1, min(int(episodes), os.cpu_count() or 1))
@@ -562,11 +562,11 @@ def rollout_checkpoint(
     kw = dict(episodes=int(episodes), seed=seed, video=video, out_dir=out_dir, deterministic=deterministic,
               progress=progress, policy_info=info, video_size=video_size, camera=camera)
 
-    from envs.registry import env_kind
+    from dpft.envs.registry import env_kind
 
     kind = env_kind(env_args)
     if kind == "furniture":
-        from envs.furniture import make_furniture_env
+        from dpft.envs.furniture import make_furniture_env
 
         fkw = dict(env_args.get("env_kwargs") or {})
         options = dict(env_options or {})
@@ -579,7 +579,7 @@ def rollout_checkpoint(
         finally:
             env.close()
     else:
-        from envs.registry import EnvFactory
+        from dpft.envs.registry import EnvFactory
 
         mode = env_mode_for(env_args)
         options = dict(env_options or {})
@@ -588,7 +588,7 @@ def rollout_checkpoint(
         if mode == "process" and kind == "robosuite":
             # probe the GL backend once here (in a child process: no GL context in this one); the workers
             # inherit the result through the environment instead of probing again each
-            from envs.render import setup_rendering
+            from dpft.envs.render import setup_rendering
 
             setup_rendering(require=bool(n_video))
         fns = [EnvFactory(env_args, obs_keys=obs_keys, kwargs=options) for _ in range(num_envs)]

@@ -1,4 +1,4 @@
-"""Vector env: ``num_envs`` :class:`~envs.base.Env` instances behind the :class:`~envs.base.BatchedEnv` API.
+"""Vector env: ``num_envs`` :class:`~dpft.envs.base.Env` instances behind the :class:`~dpft.envs.base.BatchedEnv` API.
 
 Two modes:
 
@@ -60,7 +60,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dpft.errors import DpftError
-from envs.base import BatchedEnv, Env, ObsDict, StepResult
+from dpft.envs.base import BatchedEnv, Env, ObsDict, StepResult
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 _CONNECTION_ERRORS = (EOFError, BrokenPipeError, ConnectionResetError, ConnectionAbortedError, OSError)
@@ -81,7 +81,7 @@ class _EnvRunner:
         for name in ("obs_shapes", "obs_dtypes", "action_dim", "max_episode_steps"):
             if not hasattr(env, name):
                 raise DpftError(
-                    "The env built by the factory (%s) has no attribute '%s'; an envs.base.Env must define "
+                    "The env built by the factory (%s) has no attribute '%s'; an dpft.envs.base.Env must define "
                     "obs_shapes, obs_dtypes, action_dim and max_episode_steps." % (type(env).__name__, name))
         self.env = env
         self.cond_steps = int(cond_steps)
@@ -356,8 +356,8 @@ class VectorEnv(BatchedEnv):
     """``len(env_fns)`` envs stepped one action chunk at a time (see the module docstring for the rules).
 
     Args:
-        env_fns: zero-argument callables returning an :class:`~envs.base.Env` (for process mode they must
-            be picklable, e.g. :class:`envs.registry.EnvFactory` or a ``functools.partial``).
+        env_fns: zero-argument callables returning an :class:`~dpft.envs.base.Env` (for process mode they must
+            be picklable, e.g. :class:`dpft.envs.registry.EnvFactory` or a ``functools.partial``).
         cond_steps: observation history length To.
         act_steps: actions per chunk.
         mode: ``"process"`` (one worker process per env) or ``"inline"`` (in this process).
@@ -415,7 +415,7 @@ class VectorEnv(BatchedEnv):
                 except Exception as exc:
                     raise DpftError(
                         "env_fns[%d] (%r) cannot be pickled (%s: %s); process mode sends each factory to its "
-                        "worker, so use a picklable factory such as envs.registry.EnvFactory or "
+                        "worker, so use a picklable factory such as dpft.envs.registry.EnvFactory or "
                         "functools.partial of a module-level class, or mode='inline'."
                         % (i, fn, type(exc).__name__, exc)) from None
         self.context = context if mode == "process" else None
@@ -795,7 +795,7 @@ class VectorEnv(BatchedEnv):
         return self._call(int(env_index), "render", (int(height), int(width), camera), "render")
 
     def get_state(self, env_index: int) -> Optional[np.ndarray]:
-        """Flat simulator state of env ``env_index`` (see :meth:`envs.base.Env.get_state`)."""
+        """Flat simulator state of env ``env_index`` (see :meth:`dpft.envs.base.Env.get_state`)."""
         return self._call(int(env_index), "get_state", None, "get its state")
 
     # -- shutdown ----------------------------------------------------------------------------------------

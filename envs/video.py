@@ -11,7 +11,7 @@ not to rescale them either.
 
 Example::
 
-    from envs.video import VideoWriter, write_video
+    from dpft.envs.video import VideoWriter, write_video
 
     with VideoWriter("runs/lift/eval/episode_0.mp4", fps=20) as video:
         for frame in frames:              # (H, W, 3) uint8, upright

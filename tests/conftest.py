@@ -25,11 +25,11 @@ def tiny_image_hdf5(tmp_path):
 
 @pytest.fixture(scope="module")
 def rs():
-    """The ``envs.robosuite_env`` module with the GL backend chosen first (skips without robosuite)."""
-    from envs.render import setup_rendering
+    """The ``dpft.envs.robosuite_env`` module with the GL backend chosen first (skips without robosuite)."""
+    from dpft.envs.render import setup_rendering
 
     setup_rendering(require=False)  # pick the GL backend before robosuite imports mujoco
     pytest.importorskip("robosuite")
-    from envs import robosuite_env
+    from dpft.envs import robosuite_env
 
     return robosuite_env

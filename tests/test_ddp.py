@@ -21,7 +21,7 @@ DRIVER = (
     "import json, os, sys\n"
     "from dpft.config import compose\n"
     "from dpft.checkpoint import save_tensors\n"
-    "from agents.pretrain import Pretrainer\n"
+    "from dpft.agents.pretrain import Pretrainer\n"
     "t = Pretrainer(compose('pretrain', json.loads(sys.argv[1])))\n"
     "try:\n"
     "    final = t.run()\n"

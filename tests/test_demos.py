@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dpft.errors import DpftError
-from envs.demos import LOW_DIM_SUFFIXES, demo_obs_keys, make_demos, split_train_valid
+from dpft.envs.demos import LOW_DIM_SUFFIXES, demo_obs_keys, make_demos, split_train_valid
 
 h5py = pytest.importorskip("h5py")
 
@@ -215,7 +215,7 @@ def test_failures_are_dropped_then_error_or_kept(rs, tmp_path, capsys):
 
 @pytest.mark.robosuite
 def test_interrupt_leaves_no_partial_file(rs, tmp_path, monkeypatch):
-    import envs.demos as demos
+    import dpft.envs.demos as demos
 
     out = tmp_path / "lift.hdf5"
     out.write_bytes(b"previous file")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dpft.errors import DpftError
-from envs.experts import EXPERTS, CanExpert, LiftExpert, OrnsteinUhlenbeck, make_expert
+from dpft.envs.experts import EXPERTS, CanExpert, LiftExpert, OrnsteinUhlenbeck, make_expert
 
 
 # ------------------------------------------------------------------------------------------- no simulator needed
@@ -114,7 +114,7 @@ def test_noise_changes_actions_but_episode_stays_plausible(lift_env):
 
 @pytest.mark.robosuite
 def test_expert_rejects_env_of_another_task(lift_env):
-    from envs.experts import SquareExpert
+    from dpft.envs.experts import SquareExpert
 
     with pytest.raises(DpftError, match="CanExpert drives robosuite 'PickPlaceCan'.*'Lift'"):
         CanExpert().reset(lift_env)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dpft.errors import DpftError
-from envs import rotation as rot
-from envs.base import StepResult
-from envs.furniture import (
+from dpft.envs import rotation as rot
+from dpft.envs.base import StepResult
+from dpft.envs.furniture import (
     DEFAULT_STATE_OBS,
     TASKS,
     FurnitureEnv,
@@ -19,7 +19,7 @@ from envs.furniture import (
     isaacgym_install_message,
     make_furniture_env,
 )
-from envs.furniture_fake import REACH_THRESHOLD, FakeFurnitureRLSimEnv
+from dpft.envs.furniture_fake import REACH_THRESHOLD, FakeFurnitureRLSimEnv
 
 DOWN6D = [1.0, 0.0, 0.0, 0.0, -1.0, 0.0]  # rot6d of pi about x (gripper pointing down)
 Z90 = [0.0, 0.0, math.sqrt(0.5), math.sqrt(0.5)]  # xyzw: 90 degrees about z
@@ -88,7 +88,7 @@ def test_rotation_round_trips_vectorized():
 
 
 def test_robot_state_dict_or_flat_gives_the_same_16d_state():
-    from envs.furniture import robot_state_to_16d
+    from dpft.envs.furniture import robot_state_to_16d
 
     g = torch.Generator().manual_seed(1)
     parts = {"ee_pos": torch.randn(2, 3, generator=g), "ee_quat": torch.tensor([[0.0, 0, 0, 1], Z90]),
@@ -429,7 +429,7 @@ def test_missing_isaacgym_raises_install_instructions(monkeypatch):
         make_furniture_env("one_leg", num_envs=1, device="cuda")
     order = isaacgym_install_message(ImportError(
         "PyTorch was imported before isaacgym modules.  Please import torch after isaacgym modules."))
-    assert "import envs.furniture" in order and "before anything that imports torch" in order
+    assert "import dpft.envs.furniture" in order and "before anything that imports torch" in order
 
 
 def _run_with_stub_isaacgym(tmp_path, code):
@@ -454,14 +454,14 @@ def _run_with_stub_isaacgym(tmp_path, code):
 
 def test_importing_the_backend_loads_isaacgym_before_torch(tmp_path):
     ok = _run_with_stub_isaacgym(tmp_path, (
-        "import envs.furniture as f, sys\n"
+        "import dpft.envs.furniture as f, sys\n"
         "assert 'isaacgym.gymapi' in sys.modules and 'torch' in sys.modules\n"
         "assert f.import_isaacgym_first() is sys.modules['isaacgym.gymapi']\n"
         "print('loaded')\n"))
     assert ok.returncode == 0 and "loaded" in ok.stdout, ok.stderr
     late = _run_with_stub_isaacgym(tmp_path, (
         "import torch\n"
-        "import envs.furniture as f\n"
+        "import dpft.envs.furniture as f\n"
         "from dpft.errors import DpftError\n"
         "try:\n"
         "    f.import_isaacgym_first()\n"
@@ -469,7 +469,7 @@ def test_importing_the_backend_loads_isaacgym_before_torch(tmp_path):
         "    print('ERR', e)\n"))
     assert late.returncode == 0, late.stderr
     assert "ERR" in late.stdout and "PyTorch was imported first" in late.stdout
-    assert "import envs.furniture" in late.stdout
+    assert "import dpft.envs.furniture" in late.stdout
 
 
 def test_wrapping_a_sim_env_with_the_wrong_parts_dim_is_reported():
@@ -497,7 +497,7 @@ class _LegPolicy:
 
 
 def test_runs_under_the_generic_rollout():
-    from envs.rollout import rollout
+    from dpft.envs.rollout import rollout
 
     env = make("one_leg", num_envs=3, act_steps=4, max_episode_steps=20)
     result = rollout(_LegPolicy(4), env, episodes=5, seed=0, progress=False)

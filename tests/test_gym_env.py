@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from dpft.errors import DpftError
-from envs.render import setup_rendering
+from dpft.envs.render import setup_rendering
 
 setup_rendering(require=False)  # choose the GL backend before mujoco is imported
 gym = pytest.importorskip("gymnasium")
 pytest.importorskip("mujoco")
 
-from envs.gym_env import GYM_TASKS, GymEnv, default_gym_env_args  # noqa: E402
-from envs.registry import EnvFactory, env_args_for_task, make_env  # noqa: E402
+from dpft.envs.gym_env import GYM_TASKS, GymEnv, default_gym_env_args  # noqa: E402
+from dpft.envs.registry import EnvFactory, env_args_for_task, make_env  # noqa: E402
 
 pytestmark = pytest.mark.gym
 
@@ -149,11 +149,11 @@ def test_checkpoint_trained_on_gym_data_rolls_out_in_process(tmp_path):
     """Gym locomotion end to end: a robomimic-layout file recorded from Hopper-v5 (random actions), a short
     pretraining run, and `rollout_checkpoint` rebuilding Hopper from the checkpoint's env_args and batching the
     envs in-process (no worker processes)."""
-    from agents.pretrain import pretrain
+    from dpft.agents.pretrain import pretrain
     from dpft.config import compose
-    from envs.gym_env import default_gym_env_args
-    from envs.registry import make_env
-    from envs.rollout import rollout_checkpoint
+    from dpft.envs.gym_env import default_gym_env_args
+    from dpft.envs.registry import make_env
+    from dpft.envs.rollout import rollout_checkpoint
     from tests.synth import write_demos_hdf5
 
     env_args = default_gym_env_args("hopper")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dpft
-from agents.pretrain import pretrain
+from dpft.agents.pretrain import pretrain
 from dpft.checkpoint import load_checkpoint
 from dpft.config import PolicyConfig, compose
 from dpft.errors import DpftError

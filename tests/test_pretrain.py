@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from agents.pretrain import (
+from dpft.agents.pretrain import (
     Pretrainer,
     clip_grad_norm,
     config_differences,

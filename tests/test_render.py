@@ -7,7 +7,7 @@ import platform
 import pytest
 
 from dpft.errors import DpftError
-from envs import render
+from dpft.envs import render
 
 _VARS = ("MUJOCO_GL", "PYOPENGL_PLATFORM", "DPFT_RENDER_BACKEND", "DPFT_GL_RENDERER")
 
@@ -56,7 +56,7 @@ def test_default_tries_egl_then_osmesa(clean):
 @linux_only
 def test_egl_preferred_and_gl_renderer_logged(clean, caplog):
     calls = _fake_probe(clean, {"egl": (True, "llvmpipe (LLVM 15.0.6, 256 bits)"), "osmesa": (True, "x")})
-    with caplog.at_level(logging.INFO, logger="envs.render"):
+    with caplog.at_level(logging.INFO, logger="dpft.envs.render"):
         assert render.setup_rendering() == "egl"
     assert calls == ["egl"]
     assert "GL_RENDERER=llvmpipe (LLVM 15.0.6, 256 bits)" in caplog.text

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = (
     "import json, sys\n"
     "from dpft.config import compose\n"
-    "from agents.pretrain import pretrain\n"
+    "from dpft.agents.pretrain import pretrain\n"
     "print('FINAL', pretrain(compose('pretrain', json.loads(sys.argv[1]))))\n"
 )
 

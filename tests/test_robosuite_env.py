@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from dpft.errors import DpftError
-from envs.render import setup_rendering
+from dpft.envs.render import setup_rendering
 
 setup_rendering(require=False)  # pick the GL backend before robosuite imports mujoco
 robosuite = pytest.importorskip("robosuite")
 
-from envs.registry import EnvFactory, env_args_for_task, make_env  # noqa: E402
-from envs.robosuite_env import (  # noqa: E402
+from dpft.envs.registry import EnvFactory, env_args_for_task, make_env  # noqa: E402
+from dpft.envs.robosuite_env import (  # noqa: E402
     DEFAULT_MAX_EPISODE_STEPS, TASKS, RobosuiteEnv, convert_legacy_env_args, default_env_args,
 )
 

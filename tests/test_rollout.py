@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from dpft.errors import DpftError
-from envs.base import BatchedEnv
-from envs.fake_env import FakeEnv, ScriptedReachPolicy
-from envs.rollout import rollout, rollout_checkpoint
-from envs.vector import VectorEnv
+from dpft.envs.base import BatchedEnv
+from dpft.envs.fake_env import FakeEnv, ScriptedReachPolicy
+from dpft.envs.rollout import rollout, rollout_checkpoint
+from dpft.envs.vector import VectorEnv
 
 # success within the time limit for some seeds and not for others (step 0.05, radius 0.05, 12 steps)
 ENV_KW = dict(max_episode_steps=12, terminate_on_success=True)
@@ -233,7 +233,7 @@ def test_bad_input_is_reported():
 
 
 class FakeFactory:
-    """Stands in for envs.registry.EnvFactory (same signature): builds a FakeEnv, checking ``obs_keys``."""
+    """Stands in for dpft.envs.registry.EnvFactory (same signature): builds a FakeEnv, checking ``obs_keys``."""
 
     def __init__(self, env_args, obs_keys=None, kwargs=None):
         self.env_args, self.obs_keys, self.kwargs = env_args, obs_keys, dict(kwargs or {})
@@ -261,7 +261,7 @@ def test_rollout_checkpoint_uses_meta_env_args_and_reports_policy(tmp_path, monk
         return policy
 
     monkeypatch.setattr(dpft, "load_policy", fake_load)
-    monkeypatch.setattr("envs.registry.EnvFactory", FakeFactory)
+    monkeypatch.setattr("dpft.envs.registry.EnvFactory", FakeFactory)
     out = tmp_path / "eval"
     result = rollout_checkpoint(ckpt, episodes=3, num_envs=2, seed=7, out_dir=out, weights="model",
                                 env_overrides={"env_kwargs": {"max_episode_steps": 12}}, progress=False)
@@ -300,10 +300,10 @@ class FurniturePolicy:
 
 def test_rollout_checkpoint_furniture_runs_in_waves_on_the_batched_env(tmp_path, monkeypatch):
     import dpft
-    import envs.furniture
-    from envs.furniture_fake import FakeFurnitureRLSimEnv
+    import dpft.envs.furniture
+    from dpft.envs.furniture_fake import FakeFurnitureRLSimEnv
 
-    real = envs.furniture.make_furniture_env
+    real = dpft.envs.furniture.make_furniture_env
     built = []
 
     def fake_make(**kw):
@@ -311,7 +311,7 @@ def test_rollout_checkpoint_furniture_runs_in_waves_on_the_batched_env(tmp_path,
         built.append(real(**dict(kw, device="cpu", env_cls=FakeFurnitureRLSimEnv)))
         return built[-1]
 
-    monkeypatch.setattr(envs.furniture, "make_furniture_env", fake_make)
+    monkeypatch.setattr(dpft.envs.furniture, "make_furniture_env", fake_make)
     monkeypatch.setattr(dpft, "load_policy", lambda path, weights="ema", device="cpu": FurniturePolicy())
     result = rollout_checkpoint(tmp_path, episodes=3, num_envs=2, seed=4, env_options={"max_episode_steps": 20},
                                 progress=False)

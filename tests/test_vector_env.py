@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from dpft.errors import DpftError
-from envs.fake_env import FakeEnv
-from envs.vector import VectorEnv, WorkerError
+from dpft.envs.fake_env import FakeEnv
+from dpft.envs.vector import VectorEnv, WorkerError
 
 KEYS = ("robot0_eef_pos", "object")
 
@@ -354,7 +354,7 @@ def test_workers_see_the_parents_current_environment_and_one_thread(monkeypatch)
 @pytest.mark.robosuite
 def test_robosuite_lift_in_a_worker_matches_in_process():
     pytest.importorskip("robosuite")
-    from envs.registry import EnvFactory, env_args_for_task
+    from dpft.envs.registry import EnvFactory, env_args_for_task
 
     env_args = env_args_for_task("lift")
     # robosuite draws the cube size once, at construction, from the env's rng: a construction seed makes two

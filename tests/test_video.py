@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dpft.errors import DpftError
-from envs.video import VideoWriter, temp_path_for, write_video
+from dpft.envs.video import VideoWriter, temp_path_for, write_video
 
 imageio = pytest.importorskip("imageio")
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")

@@ -4,7 +4,7 @@ Measures, for a robosuite task (Lift by default) with low-dim observations (DPPO
 [-1, 1]):
 
 1. env-steps/s of ONE env stepped in this process (resets included when an episode hits its time limit);
-2. aggregate env-steps/s of :class:`envs.vector.VectorEnv` with N worker processes, stepped one action chunk
+2. aggregate env-steps/s of :class:`dpft.envs.vector.VectorEnv` with N worker processes, stepped one action chunk
    (``--act-steps``) per round trip, and the scaling ratio ``aggregate / (min(N, cores) * single)``
    (goal >= 0.8: the workers use the cores, IPC costs little);
 3. the share of a policy rollout's wall time spent outside the simulator (policy inference, IPC bookkeeping)
@@ -50,7 +50,7 @@ def obs_keys_for(task: str) -> List[str]:
 
 def env_factory(task: str, max_episode_steps: int):
     """Picklable zero-argument factory of a low-dim robosuite env (built inside each worker)."""
-    from envs.registry import EnvFactory, env_args_for_task
+    from dpft.envs.registry import EnvFactory, env_args_for_task
 
     return EnvFactory(env_args_for_task(task), obs_keys=obs_keys_for(task),
                       kwargs={"max_episode_steps": max_episode_steps})
@@ -81,7 +81,7 @@ def bench_single(factory, steps: int, seed: int, raw: bool = False) -> float:
 
 def bench_vector(factory, num_envs: int, steps: int, act_steps: int, seed: int) -> Dict[str, float]:
     """Aggregate env-steps/s of a process VectorEnv (the first chunk, a warm-up, is excluded)."""
-    from envs.vector import VectorEnv
+    from dpft.envs.vector import VectorEnv
 
     rng = np.random.default_rng(seed)
     t_start = time.perf_counter()
@@ -127,7 +127,7 @@ def untrained_policy(obs_shapes: Dict[str, Any], obs_keys: List[str], ddim_steps
 
 
 def bench_rollout(args, factory, num_envs: int, obs_shapes: Dict[str, Any], action_dim: int) -> Dict[str, Any]:
-    from envs.rollout import rollout, rollout_checkpoint
+    from dpft.envs.rollout import rollout, rollout_checkpoint
 
     if args.checkpoint:
         return rollout_checkpoint(args.checkpoint, episodes=args.rollout_episodes, num_envs=num_envs,

@@ -4,7 +4,7 @@ The model is DPPO's robomimic-Can diffusion policy: DiffusionMLP with obs_dim 23
 horizon_steps 4, mlp_dims [512, 512, 512] (residual), denoising_steps 20, batch 256. Data is a synthetic
 robomimic-layout HDF5 file (50 demos x 150 steps) written to a temporary directory.
 
-- full step: :meth:`agents.pretrain.Pretrainer.train_step`, exactly what ``dpft pretrain`` runs (batch
+- full step: :meth:`dpft.agents.pretrain.Pretrainer.train_step`, exactly what ``dpft pretrain`` runs (batch
   sampling from the in-memory dataset, loss, backward, grad clip, AdamW, LR schedule, EMA, on-device loss
   accumulation, timing);
 - bare loop: the same model, pre-sampled batch tensors, ``model.loss`` + backward + AdamW + zero_grad.
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from agents.pretrain import Pretrainer
+    from dpft.agents.pretrain import Pretrainer
     from dpft.config import compose
 
     if args.threads:

@@ -52,7 +52,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 try:  # running as `python tools/convert_furniture_demos.py` puts tools/ (not the repo) on sys.path
-    import envs  # noqa: F401
+    import dpft.envs  # noqa: F401
 except ImportError:  # pragma: no cover - depends on how the script is launched
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -60,8 +60,8 @@ import h5py  # noqa: E402
 import torch  # noqa: E402
 
 from dpft.errors import DpftError  # noqa: E402
-from envs.furniture import DEFAULT_STATE_OBS, ROBOT_STATE_KEYS, TASKS  # noqa: E402
-from envs.rotation import (  # noqa: E402
+from dpft.envs.furniture import DEFAULT_STATE_OBS, ROBOT_STATE_KEYS, TASKS  # noqa: E402
+from dpft.envs.rotation import (  # noqa: E402
     axis_angle_to_quat_xyzw,
     matrix_to_rot6d,
     quat_multiply,
