@@ -41,20 +41,29 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from dpft import checkpoint as ckpt_lib
-from dpft.config import PretrainConfig, from_yaml_text, to_object, to_yaml
+from dpft.config import PretrainConfig, to_object, to_yaml
 from dpft.data import build_datasets
 from dpft.ema import EMA
 from dpft.errors import DpftError
 from dpft.metrics import MetricsLogger, plot_loss_curve
 from dpft.models import build_policy_model
 from dpft.rng import capture_rng_state, restore_rng_state, seed_everything
+from dpft.train_utils import (  # noqa: F401  (re-exported: older imports name them here)
+    DistInfo,
+    _grad_norm,
+    clip_grad_norm,
+    config_differences as _config_differences,
+    cosine_warmup_lambda,
+    count_parameters,
+    dist_info_from_env,
+    resolve_device,
+)
 
 #: the validation generator is seeded ``seed + VALID_SEED_OFFSET`` at every validation
 VALID_SEED_OFFSET = 7919
@@ -69,100 +78,9 @@ KILL_ENV = "DPFT_TEST_KILL_AT_STEP"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-@dataclass
-class DistInfo:
-    """Process-group facts from torchrun's environment (``enabled`` False for a single process)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    enabled: bool = False
-
-
-def dist_info_from_env() -> DistInfo:
-    """Read ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (set by torchrun)."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise DpftError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (they are set by torchrun); got "
-                        "RANK=%r WORLD_SIZE=%r LOCAL_RANK=%r." % (os.environ.get("RANK"), os.environ.get("WORLD_SIZE"),
-                                                                  os.environ.get("LOCAL_RANK"))) from None
-    return DistInfo(rank=rank, world_size=world, local_rank=local, enabled=world > 1)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; validates explicit names."""
-    name = str(name).strip()
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise DpftError("device=%r is not a torch device; expected cpu, cuda, cuda:N or auto." % name) from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DpftError("device=%s was requested but CUDA is not available in this torch install "
-                            "(torch %s); use device=cpu or device=auto." % (name, torch.__version__))
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-        if dev.index >= torch.cuda.device_count():
-            raise DpftError("device=%s but only %d CUDA device(s) exist." % (name, torch.cuda.device_count()))
-    elif dev.type != "cpu":
-        raise DpftError("device=%r is not supported; expected cpu, cuda, cuda:N or auto." % name)
-    return dev
-
-
-def cosine_warmup_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
-    """LR multiplier for optimizer step ``s`` (0-based): ``(s + 1) / warmup_steps`` during warm-up, then
-    ``min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + cos(pi * p))`` with ``p = (s - warmup) / (total - warmup)``
-    clipped to [0, 1]."""
-    warmup = max(0, int(warmup_steps))
-    total = int(total_steps)
-    ratio = float(min_lr_ratio)
-
-    def fn(s: int) -> float:
-        if s < warmup:
-            return (s + 1.0) / warmup
-        p = min(1.0, max(0.0, (s - warmup) / max(1, total - warmup)))
-        return ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-    return fn
-
-
-def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
-    out = {}  # type: Dict[str, Any]
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(_flatten(v, prefix + str(k) + "."))
-    else:
-        out[prefix[:-1]] = d
-    return out
-
-
-def config_differences(saved_yaml: str, cfg: Any) -> List[Tuple[str, Any, Any]]:
-    """``(key, saved, requested)`` for every config key that differs and may not change on resume."""
-    from omegaconf import OmegaConf
-
-    saved = from_yaml_text(saved_yaml, PretrainConfig, source="the checkpoint's config.yaml")
-    a = _flatten(OmegaConf.to_container(saved, resolve=True))
-    b = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if key.split(".")[0] in RESUME_MAY_CHANGE:
-            continue
-        if a.get(key) != b.get(key):
-            diffs.append((key, a.get(key), b.get(key)))
-    return diffs
-
-
-def count_parameters(model: nn.Module) -> str:
-    n = sum(p.numel() for p in model.parameters())
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return "%.2f%s" % (n / div, unit)
-    return str(n)
+def config_differences(saved_yaml: str, cfg: Any, may_change: Any = RESUME_MAY_CHANGE) -> List[Tuple[str, Any, Any]]:
+    """``(key, saved, requested)`` for every pretraining config key that differs and may not change on resume."""
+    return _config_differences(saved_yaml, cfg, may_change, schema=PretrainConfig)
 
 
 class _LossForward(nn.Module):
@@ -575,36 +493,6 @@ class Pretrainer:
             if dist.is_initialized():
                 dist.destroy_process_group()
             self._pg_owned = False
-
-
-def _grad_norm(params: List[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of the gradients (0-dim tensor on their device; 0 when there are none)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norms = torch._foreach_norm(grads)
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
-def clip_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale gradients so their global L2 norm is at most ``max_norm``; returns the norm before clipping.
-
-    Same result as ``torch.nn.utils.clip_grad_norm_`` (scale ``max_norm / (norm + 1e-6)`` when it is below
-    1). On CPU the scaling pass is skipped when nothing is clipped (reading the norm costs no device sync
-    there); on accelerators it always runs, multiplying by 1.0, to avoid a host sync every step.
-    """
-    total = _grad_norm(params)
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return total
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    if total.device.type == "cpu":
-        c = float(coef)  # exact: a float32 value as a Python float
-        if c < 1.0:
-            torch._foreach_mul_(grads, c)
-    else:
-        torch._foreach_mul_(grads, coef.to(grads[0].device))
-    return total
 
 
 def _plain_config(cfg: Any) -> Dict[str, Any]:

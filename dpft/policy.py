@@ -25,24 +25,13 @@ from torch import nn
 
 from dpft.errors import DpftError
 from dpft.normalization import MinMaxNormalizer
+from dpft.train_utils import resolve_device as _resolve_device
 
 WEIGHTS = ("ema", "model")
 _REQUIRED_META = ("obs_keys", "low_dim_keys", "image_keys", "obs_shapes", "obs_dim", "action_dim",
                   "horizon_steps", "cond_steps", "act_steps")
 
 ObsLike = Union[Mapping[str, Any], np.ndarray, torch.Tensor]
-
-
-def _resolve_device(device: Union[str, torch.device]) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DpftError("device=%r is not a torch device; expected cpu, cuda, cuda:N or auto." % (device,)) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DpftError("device=%s was requested but CUDA is not available; use device='cpu'." % (device,))
-    return dev
 
 
 def _as_array(x: Any, key: str) -> Union[np.ndarray, torch.Tensor]:
