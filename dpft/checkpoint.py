@@ -24,18 +24,28 @@ then the directory is renamed to ``step_XXXXXXXX`` (a rename is atomic, so a ``s
 complete) and ``latest`` is replaced with ``os.replace``. A crash at any point leaves the previous
 checkpoints and ``latest`` intact; :func:`find_latest` returns the highest-numbered complete ``step_*``.
 
+Checksums: ``meta.json`` holds ``"checksums": {relative path: sha256 hex}`` for every other file of the
+checkpoint directory (weights, normalizer, config.yaml and everything under ``training_state/``), computed
+after the files are written and before meta.json, the last file, is written. Loading hashes each file from
+the same bytes it parses (one read) and raises a DpftError naming the damaged file on a mismatch; a file
+missing from the list is refused too. ``verify=False`` (``load_checkpoint``) or the :func:`verification`
+context manager (``dpft rollout --no-verify``) skip the check. Checkpoints written before checksums existed
+(no ``"checksums"`` key) load unverified. meta.json itself is only checked for being a valid JSON object.
+
 Loading reads safetensors and JSON only (never ``torch.load``/pickle); :func:`load_state_strict` refuses
 missing or unexpected weight keys and lists them.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -51,6 +61,7 @@ EMA_FILE = "ema.safetensors"
 NORMALIZER_FILE = "normalizer.safetensors"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
+CHECKSUMS_KEY = "checksums"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_RE = re.compile(r"^\.tmp-(?:retired-)?step_\d+-(\d+)$")
 
@@ -274,6 +285,9 @@ def save_checkpoint(
         if ema_state is not None:
             save_tensors(os.path.join(tmp, EMA_FILE), ema_state)
         save_tensors(os.path.join(tmp, NORMALIZER_FILE), normalizer.state_dict())
+        _write_text(os.path.join(tmp, CONFIG_FILE), config_yaml)
+        if training_state is not None:
+            _save_training_state(os.path.join(tmp, TRAINING_STATE), training_state)
         full_meta = dict(meta)
         full_meta.update({
             "step": int(step),
@@ -282,10 +296,8 @@ def save_checkpoint(
             "torch_version": torch.__version__,
             "has_ema": ema_state is not None,
         })
+        full_meta[CHECKSUMS_KEY] = checksum_tree(tmp)  # every file written above; meta.json comes last
         _write_json(os.path.join(tmp, META_FILE), _encode(full_meta, "meta.json"))
-        _write_text(os.path.join(tmp, CONFIG_FILE), config_yaml)
-        if training_state is not None:
-            _save_training_state(os.path.join(tmp, TRAINING_STATE), training_state)
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -361,6 +373,90 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------------------------- checksums
+_VERIFY_DEFAULT = [True]
+
+
+@contextlib.contextmanager
+def verification(enabled: bool) -> Iterator[None]:
+    """Within the block, checkpoint loads that do not pass ``verify=`` explicitly verify checksums only when
+    ``enabled`` (``dpft rollout --no-verify`` wraps :func:`dpft.load_policy` in ``verification(False)``)."""
+    saved = _VERIFY_DEFAULT[0]
+    _VERIFY_DEFAULT[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _VERIFY_DEFAULT[0] = saved
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_tree(directory: str) -> Dict[str, str]:
+    """``{relative path ('/'-separated): sha256}`` of every file under ``directory`` except its meta.json."""
+    out = {}  # type: Dict[str, str]
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory).replace(os.sep, "/")
+            if rel != META_FILE:
+                out[rel] = sha256_file(path)
+    return out
+
+
+class _Checksums:
+    """The checksums recorded in a checkpoint's meta.json; ``None`` entries mean: do not verify."""
+
+    def __init__(self, ckpt_dir: str, meta: Optional[Mapping[str, Any]], verify: Optional[bool]):
+        self.dir = ckpt_dir
+        if verify is None:
+            verify = _VERIFY_DEFAULT[0]
+        sums = meta.get(CHECKSUMS_KEY) if (verify and meta is not None) else None
+        if sums is not None and not isinstance(sums, dict):
+            raise DpftError("Checkpoint file '%s' has a '%s' entry that is not a JSON object; the file is damaged."
+                            % (os.path.join(ckpt_dir, META_FILE), CHECKSUMS_KEY))
+        self.sums = sums  # type: Optional[Dict[str, str]]
+
+    def check(self, path: str, digest: str) -> None:
+        if self.sums is None:
+            return
+        rel = os.path.relpath(path, self.dir).replace(os.sep, "/")
+        expected = self.sums.get(rel)
+        meta = os.path.join(self.dir, META_FILE)
+        if expected is None:
+            raise DpftError("Checkpoint file '%s' has no checksum in '%s': it was not written with the checkpoint. "
+                            "Remove it, or load without verification (verify=False; CLI: --no-verify)." % (path, meta))
+        if expected != digest:
+            raise DpftError("Checkpoint file '%s' is damaged: its sha256 is %s but '%s' recorded %s when it was "
+                            "written. Restore the file or use another checkpoint; to load it anyway pass "
+                            "verify=False (CLI: --no-verify)." % (path, digest, meta, expected))
+
+    def check_file(self, path: str) -> None:
+        """Verify a file another module parses (hashes it separately)."""
+        if self.sums is not None and os.path.isfile(path):
+            self.check(path, sha256_file(path))
+
+    def read_bytes(self, path: str) -> bytes:
+        """The file's bytes, verified from the same read that the caller parses."""
+        if not os.path.isfile(path):
+            raise DpftError("Checkpoint file '%s' is missing; the checkpoint is incomplete or was moved." % path)
+        with open(path, "rb") as f:
+            data = f.read()
+        if self.sums is not None:
+            self.check(path, hashlib.sha256(data).hexdigest())
+        return data
+
+
+_UNVERIFIED = _Checksums("", None, False)
+
+
 # ---------------------------------------------------------------------------------------------- finding
 def _checkpoints_root(run_dir: str) -> str:
     return run_dir if os.path.basename(os.path.normpath(run_dir)) == CHECKPOINTS else os.path.join(run_dir, CHECKPOINTS)
@@ -403,86 +499,102 @@ def resolve_checkpoint(path: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_tensors(path: str) -> Dict[str, torch.Tensor]:
-    """Load a safetensors file to CPU tensors (DpftError naming a missing or damaged file)."""
-    from safetensors.torch import load_file
+def read_tensors(path: str, checksums: Optional[_Checksums] = None) -> Dict[str, torch.Tensor]:
+    """Load a safetensors file to CPU tensors (DpftError naming a missing, damaged or checksum-failing file)."""
+    from safetensors.torch import load
 
-    if not os.path.isfile(path):
-        raise DpftError("Checkpoint file '%s' is missing; the checkpoint is incomplete or was moved." % path)
+    data = (checksums or _UNVERIFIED).read_bytes(path)
     try:
-        return load_file(path, device="cpu")
-    except Exception as e:  # SafetensorError, OSError, ValueError on truncated or foreign files
+        return load(data)
+    except Exception as e:  # SafetensorError, ValueError on truncated or foreign files
         raise DpftError("Checkpoint file '%s' cannot be read as safetensors (%s); the file is damaged."
                         % (path, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
 
 
-def read_json(path: str) -> Any:
-    """Load a JSON file (DpftError naming a missing or damaged file)."""
-    if not os.path.isfile(path):
-        raise DpftError("Checkpoint file '%s' is missing; the checkpoint is incomplete or was moved." % path)
+def read_json(path: str, checksums: Optional[_Checksums] = None) -> Any:
+    """Load a JSON file (DpftError naming a missing, damaged or checksum-failing file)."""
+    data = (checksums or _UNVERIFIED).read_bytes(path)
     try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as e:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise DpftError("Checkpoint file '%s' is not valid JSON (%s); the file is damaged." % (path, e)) from None
 
 
-def _read_text(path: str) -> str:
-    if not os.path.isfile(path):
-        raise DpftError("Checkpoint file '%s' is missing; the checkpoint is incomplete or was moved." % path)
-    with open(path) as f:
-        return f.read()
+def _read_text(path: str, checksums: Optional[_Checksums] = None) -> str:
+    data = (checksums or _UNVERIFIED).read_bytes(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DpftError("Checkpoint file '%s' is not UTF-8 text (%s); the file is damaged." % (path, e)) from None
 
 
-def load_training_state(ckpt_dir: str) -> Dict[str, Any]:
-    """Read ``training_state/`` of a checkpoint (see :class:`Checkpoint`)."""
+def _read_meta(ckpt_dir: str) -> Dict[str, Any]:
+    path = os.path.join(ckpt_dir, META_FILE)
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise DpftError("Checkpoint file '%s' must hold a JSON object; the file is damaged." % path)
+    return meta
+
+
+def load_training_state(ckpt_dir: str, verify: Optional[bool] = None,
+                        checksums: Optional[_Checksums] = None) -> Dict[str, Any]:
+    """Read ``training_state/`` of a checkpoint (see :class:`Checkpoint`), verifying checksums unless
+    ``verify=False`` (``None``: the :func:`verification` default, True)."""
     from dpft.rng import read_rng_state
 
     d = os.path.join(ckpt_dir, TRAINING_STATE)
     if not os.path.isdir(d):
         raise DpftError("Checkpoint '%s' has no %s/ folder (it holds weights only), so training cannot resume "
                         "from it." % (ckpt_dir, TRAINING_STATE))
-    step_info = _decode(read_json(os.path.join(d, "step.json")))
+    if checksums is None:
+        meta = _read_meta(ckpt_dir) if verify is not False and os.path.isfile(os.path.join(ckpt_dir, META_FILE)) else None
+        checksums = _Checksums(ckpt_dir, meta, verify)
+    step_info = _decode(read_json(os.path.join(d, "step.json"), checksums))
     out = {"step": step_info, "optimizer": None, "scheduler": None, "rng": []}  # type: Dict[str, Any]
     if os.path.exists(os.path.join(d, "optimizer.json")) or os.path.exists(os.path.join(d, "optimizer.safetensors")):
-        out["optimizer"] = join_optimizer_state(read_tensors(os.path.join(d, "optimizer.safetensors")),
-                                                read_json(os.path.join(d, "optimizer.json")))
+        out["optimizer"] = join_optimizer_state(read_tensors(os.path.join(d, "optimizer.safetensors"), checksums),
+                                                read_json(os.path.join(d, "optimizer.json"), checksums))
     if os.path.exists(os.path.join(d, "scheduler.json")):
-        out["scheduler"] = _decode(read_json(os.path.join(d, "scheduler.json")))
+        out["scheduler"] = _decode(read_json(os.path.join(d, "scheduler.json"), checksums))
     rngs = []  # type: List[RngState]
     for rank in range(int(step_info.get("num_rng_states", 0))):
-        rngs.append(read_rng_state(d, "rng" if rank == 0 else "rng_rank%d" % rank))
+        name = "rng" if rank == 0 else "rng_rank%d" % rank
+        for ext in (".safetensors", ".json"):
+            checksums.check_file(os.path.join(d, name + ext))
+        rngs.append(read_rng_state(d, name))
     out["rng"] = rngs
     return out
 
 
-def load_checkpoint(path: Any, training_state: bool = False, ema: bool = True) -> Checkpoint:
+def load_checkpoint(path: Any, training_state: bool = False, ema: bool = True,
+                    verify: Optional[bool] = None) -> Checkpoint:
     """Load a checkpoint from RUN_DIR, RUN_DIR/checkpoints or a step directory (safetensors + JSON only).
 
     Args:
         training_state: also read ``training_state/`` (needed to resume).
         ema: read ``ema.safetensors`` (when the checkpoint has it).
+        verify: check every file read against the sha256 recorded in meta.json (DpftError naming a damaged
+            file). ``None`` = the :func:`verification` default (True).
     """
     d = resolve_checkpoint(path)
-    meta = read_json(os.path.join(d, META_FILE))
-    if not isinstance(meta, dict):
-        raise DpftError("Checkpoint file '%s' must hold a JSON object." % os.path.join(d, META_FILE))
-    meta = _decode(meta)
-    config_yaml = _read_text(os.path.join(d, CONFIG_FILE))
-    model_state = read_tensors(os.path.join(d, MODEL_FILE))
+    meta = _decode(_read_meta(d))
+    sums = _Checksums(d, meta, verify)
+    config_yaml = _read_text(os.path.join(d, CONFIG_FILE), sums)
+    model_state = read_tensors(os.path.join(d, MODEL_FILE), sums)
     ema_state = None
     if ema and (meta.get("has_ema", True) or os.path.isfile(os.path.join(d, EMA_FILE))):
-        ema_state = read_tensors(os.path.join(d, EMA_FILE))
+        ema_state = read_tensors(os.path.join(d, EMA_FILE), sums)
     norm_path = os.path.join(d, NORMALIZER_FILE)
+    norm_state = read_tensors(norm_path, sums)
     try:
-        normalizer = MinMaxNormalizer.from_state_dict(read_tensors(norm_path))
+        normalizer = MinMaxNormalizer.from_state_dict(norm_state)
     except DpftError as e:
         raise DpftError("Checkpoint file '%s' holds invalid normalizer statistics: %s" % (norm_path, e)) from None
     step = meta.get("step")
     if step is None:
         m = _STEP_RE.match(os.path.basename(d))
         step = int(m.group(1)) if m else 0
-    ts = load_training_state(d) if training_state else None
+    ts = load_training_state(d, checksums=sums) if training_state else None
     return Checkpoint(dir=d, step=int(step), meta=meta, config_yaml=config_yaml, model_state=model_state,
                       ema_state=ema_state, normalizer=normalizer, training_state=ts)
 
@@ -511,5 +623,6 @@ __all__ = [
     "Checkpoint", "save_checkpoint", "load_checkpoint", "load_training_state", "load_state_strict",
     "find_latest", "list_checkpoints", "resolve_checkpoint", "prune_checkpoints", "clean_stale_tmp",
     "step_dir_name", "write_text_atomic", "save_tensors", "read_tensors", "read_json",
-    "split_optimizer_state", "join_optimizer_state", "is_checkpoint_dir",
+    "split_optimizer_state", "join_optimizer_state", "is_checkpoint_dir", "verification", "checksum_tree",
+    "sha256_file", "CHECKSUMS_KEY",
 ]

@@ -254,8 +254,10 @@ def test_corrupt_or_missing_files_are_named(tmp_path):
     d = _save(tmp_path, 10, Tiny())
     with open(os.path.join(d, "ema.safetensors"), "wb") as f:
         f.write(b"\x00garbage")
-    with pytest.raises(DpftError, match="ema.safetensors' cannot be read as safetensors"):
+    with pytest.raises(DpftError, match="ema.safetensors' is damaged: its sha256 is"):
         C.load_checkpoint(d)
+    with pytest.raises(DpftError, match="ema.safetensors' cannot be read as safetensors"):
+        C.load_checkpoint(d, verify=False)
     os.remove(os.path.join(d, "normalizer.safetensors"))
     with pytest.raises(DpftError, match="normalizer.safetensors' is missing"):
         C.load_checkpoint(d, ema=False)
@@ -265,7 +267,7 @@ def test_corrupt_or_missing_files_are_named(tmp_path):
         C.load_checkpoint(d)
     os.remove(os.path.join(d, "training_state", "step.json"))
     with pytest.raises(DpftError, match="step.json' is missing"):
-        C.load_training_state(d)
+        C.load_training_state(d, verify=False)  # meta.json (the checksums) is garbage above
 
 
 def test_load_state_strict_lists_missing_and_unexpected_keys():
@@ -310,3 +312,61 @@ def test_resaving_a_step_replaces_it_without_a_window_where_it_is_missing_or_par
     os.makedirs(root / ".tmp-retired-step_00000005-999999")
     assert C.find_latest(str(tmp_path)).endswith("step_00000010")
     assert ".tmp-retired-step_00000005-999999" in C.clean_stale_tmp(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- checksums
+def _flip_payload_byte(path):
+    """Flip one byte in the tensor data (after the safetensors header), so the file still parses."""
+    raw = bytearray(open(path, "rb").read())
+    header_len = int.from_bytes(bytes(raw[:8]), "little")
+    pos = len(raw) - 2  # inside the last tensor's bytes
+    assert pos >= 8 + header_len
+    raw[pos] ^= 0x40
+    with open(path, "wb") as f:
+        f.write(bytes(raw))
+
+
+def test_meta_lists_sha256_of_every_other_file(tmp_path):
+    import hashlib
+
+    d = _save(tmp_path, 10, Tiny())
+    sums = json.loads(open(os.path.join(d, "meta.json")).read())["checksums"]
+    files = sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
+    assert sorted(sums) == [f for f in files if f != "meta.json"]
+    assert "training_state/optimizer.safetensors" in sums and "model.safetensors" in sums
+    for rel, digest in sums.items():
+        assert digest == hashlib.sha256(open(os.path.join(d, rel), "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("rel", ["model.safetensors", "ema.safetensors", "normalizer.safetensors",
+                                 "training_state/optimizer.safetensors", "training_state/rng.safetensors"])
+def test_flipped_payload_byte_is_detected_and_named(tmp_path, rel):
+    d = _save(tmp_path, 10, Tiny())
+    before = {k: v.clone() for k, v in load_file(os.path.join(d, rel)).items()}  # load_file maps the file
+    _flip_payload_byte(os.path.join(d, rel))
+    after = load_file(os.path.join(d, rel))  # still a valid safetensors file: only the checksum can tell
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(DpftError) as e:
+        C.load_checkpoint(d, training_state=True)
+    assert "Checkpoint file '%s' is damaged: its sha256 is" % os.path.join(d, rel) in str(e.value)
+    assert "verify=False (CLI: --no-verify)" in str(e.value)
+    # the escape hatches load the damaged bytes as they are
+    if rel != "training_state/rng.safetensors":
+        ck = C.load_checkpoint(d, training_state=True, verify=False)
+        with C.verification(False):
+            ck2 = C.load_checkpoint(d, training_state=True)
+        assert ck.step == ck2.step == 10
+
+
+def test_unlisted_file_refused_and_old_checkpoints_load_unverified(tmp_path):
+    d = _save(tmp_path, 10, Tiny())
+    meta_path = os.path.join(d, "meta.json")
+    meta = json.loads(open(meta_path).read())
+    del meta["checksums"]["model.safetensors"]
+    open(meta_path, "w").write(json.dumps(meta))
+    with pytest.raises(DpftError, match="model.safetensors' has no checksum in"):
+        C.load_checkpoint(d)
+    del meta["checksums"]  # written before checksums existed
+    open(meta_path, "w").write(json.dumps(meta))
+    _flip_payload_byte(os.path.join(d, "model.safetensors"))
+    assert C.load_checkpoint(d, training_state=True).step == 10
