@@ -54,6 +54,7 @@ from dpft.errors import DpftError
 from dpft.metrics import MetricsLogger, plot_loss_curve
 from dpft.models import build_policy_model
 from dpft.rng import capture_rng_state, restore_rng_state, seed_everything
+from dpft.rundir import RunDir, open_run_dir
 from dpft.train_utils import (  # noqa: F401  (re-exported: older imports name them here)
     DistInfo,
     _grad_norm,
@@ -71,8 +72,41 @@ VALID_SEED_OFFSET = 7919
 #: config keys that may change between a run and its resume (the rest must match the checkpoint)
 RESUME_MAY_CHANGE = frozenset([
     "steps", "save_every", "val_every", "log_every", "keep_checkpoints", "device", "num_threads", "resume",
-    "logger", "wandb_project", "wandb_mode", "progress", "out", "dataset",
+    "logger", "wandb_project", "wandb_mode", "progress", "out", "dataset", "overwrite",
 ])
+
+
+def resume_schedule_steps(ckpt: ckpt_lib.Checkpoint, cfg: Any) -> int:
+    """The LR schedule length of a resumed run, after checking the requested ``steps=`` against it.
+
+    The warm-up + cosine schedule is fixed when a run starts: it spans the first run's ``steps`` (recorded in
+    step.json as ``schedule_steps``; older checkpoints: their config's ``steps``) and never restarts.
+    ``steps=`` on resume only moves the stop: fewer steps stop early on the same schedule; more steps continue
+    after the schedule's end at its final learning rate ``min_lr_ratio * lr``. With ``min_lr_ratio=0`` that rate
+    is 0 and extra steps would leave the weights unchanged, so a longer budget is refused.
+    """
+    from dpft.config import from_yaml_text
+
+    info = (ckpt.training_state or {}).get("step") or {}
+    sched = info.get("schedule_steps")
+    if sched is None:
+        sched = from_yaml_text(ckpt.config_yaml, PretrainConfig, source=os.path.join(ckpt.dir, "config.yaml")).steps
+    sched = int(sched)
+    steps = int(cfg.steps)
+    if steps > sched and steps > ckpt.step:
+        final_lr = float(cfg.lr) * float(cfg.min_lr_ratio)
+        if final_lr <= 0:
+            raise DpftError(
+                "resume=true with steps=%d, but the run's learning-rate schedule ends at step %d with min_lr_ratio=%s, "
+                "i.e. learning rate 0: the extra steps would not change the weights. dpft does not restart the "
+                "cosine schedule on resume. Resume with steps<=%d, or start a new run (new out=) with the longer "
+                "steps= (a run started with min_lr_ratio>0 can be extended at its final learning rate)."
+                % (steps, sched, cfg.min_lr_ratio, sched))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("dpft pretrain: steps=%d extends the run past its learning-rate schedule (%d steps): steps %d..%d "
+                  "train at the final learning rate min_lr_ratio * lr = %g (the cosine schedule is not restarted)."
+                  % (steps, sched, sched + 1, steps, final_lr), flush=True)
+    return sched
 
 KILL_ENV = "DPFT_TEST_KILL_AT_STEP"
 
@@ -115,10 +149,19 @@ class Pretrainer:
         to_object(cfg).validate()
         self.cfg = cfg
         self.out = os.path.abspath(os.path.expanduser(str(cfg.out)))
-        if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise DpftError("out=%s is a file; out= must name a run directory (created if missing)." % self.out)
         self.dist = dist_info_from_env()
         self.rank0 = self.dist.rank == 0
+        self._pg_owned = False
+        # before any data or model work: out= is created, writable, ours (locked) and resumable as asked
+        self.run_dir = (open_run_dir(self.out, "pretrain", resume=bool(cfg.resume), overwrite=bool(cfg.overwrite))
+                        if self.rank0 else None)  # type: Optional[RunDir]
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, cfg: Any) -> None:
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         if cfg.num_threads:
             torch.set_num_threads(int(cfg.num_threads))
@@ -129,16 +172,17 @@ class Pretrainer:
                                 max(1, cfg.batch_size // self.dist.world_size) * self.dist.world_size))
         self.per_rank_batch = cfg.batch_size // self.dist.world_size
         self._kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
-        self._pg_owned = False
         self._init_process_group()
 
-        # ---- where do we start?
+        # ---- where do we start? (open_run_dir refused an existing run with checkpoints unless resume/overwrite)
         resume_ckpt = None  # type: Optional[ckpt_lib.Checkpoint]
-        latest = ckpt_lib.find_latest(self.out) if os.path.isdir(self.out) else None
-        if cfg.resume:
-            if latest is None:
-                raise DpftError("resume=true but RUN_DIR '%s' has no checkpoint; start without resume=true or point "
-                                "out= at the run." % self.out)
+        latest = ckpt_lib.find_latest(self.out) if os.path.isdir(self.out) and not cfg.overwrite else None
+        self.schedule_steps = int(cfg.steps)
+        if cfg.resume and latest is None:
+            if self.rank0:
+                print("dpft pretrain: resume=true but '%s' has no checkpoint yet (the run stopped before its first "
+                      "save); starting at step 0." % self.out, flush=True)
+        elif cfg.resume:
             resume_ckpt = ckpt_lib.load_checkpoint(latest, training_state=True)
             diffs = config_differences(resume_ckpt.config_yaml, cfg)
             if diffs:
@@ -147,8 +191,9 @@ class Pretrainer:
                                 "change during a run: %s. Resume with the run's settings (only %s may change) or "
                                 "start a new run with a new out=."
                                 % (latest, desc, ", ".join(sorted(RESUME_MAY_CHANGE))))
-        elif latest is not None:
-            raise DpftError("out=%s already holds a run with checkpoints (newest: %s). Pass resume=true to continue "
+            self.schedule_steps = resume_schedule_steps(resume_ckpt, cfg)
+        elif latest is not None:  # DDP ranks other than 0 (rank 0's open_run_dir refused this already)
+            raise DpftError("out='%s' already holds a run with checkpoints (newest: %s). Pass resume=true to continue "
                             "it, or choose a new out= directory." % (self.out, os.path.basename(latest)))
 
         # ---- data, model, optimization
@@ -164,7 +209,7 @@ class Pretrainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # foreach: one fused kernel per op over all tensors (about 1.5x faster than the per-tensor loop on CPU)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-        self._lr_fn = cosine_warmup_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        self._lr_fn = cosine_warmup_lambda(cfg.warmup_steps, self.schedule_steps, cfg.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_fn)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.eval_model = None  # type: Optional[nn.Module]
@@ -351,6 +396,8 @@ class Pretrainer:
                     "batch_size": int(self.cfg.batch_size),
                     "per_rank_batch_size": self.per_rank_batch,
                     "ema_step": self.ema.step if self.ema is not None else 0,
+                    # the LR schedule's length: the first run's steps (a longer steps= on resume keeps it)
+                    "schedule_steps": self.schedule_steps,
                     # partial sums of the current logging window, per rank (exact metrics after resume)
                     "accumulators": [g["accumulators"] for g in gathered],
                 },
@@ -415,7 +462,8 @@ class Pretrainer:
             % (count_parameters(self.model), cfg.horizon_steps, cfg.cond_steps, cfg.act_steps),
             "  device %s, %d process(es), global batch %d (%d per process), steps %d%s"
             % (self.device, self.dist.world_size, cfg.batch_size, self.per_rank_batch, cfg.steps,
-               (", resuming at step %d" % self.step) if self.step else ""),
+               ((", resuming at step %d" % self.step) if self.step else "")
+               + ((", LR schedule over %d steps" % self.schedule_steps) if self.schedule_steps != cfg.steps else "")),
             "  run dir: %s" % self.out,
         ]
         lines.extend("  warning: %s" % w for w in info.get("warnings", []))
@@ -486,7 +534,10 @@ class Pretrainer:
         return final or ""
 
     def close(self) -> None:
-        """Tear down the process group this trainer created."""
+        """Tear down the process group this trainer created and release the run directory's lock."""
+        run_dir, self.run_dir = getattr(self, "run_dir", None), None
+        if run_dir is not None:
+            run_dir.close()
         if self._pg_owned:
             import torch.distributed as dist
 

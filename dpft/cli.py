@@ -4,6 +4,7 @@ Commands (options are Hydra-style ``key=value`` overrides of ``cfg/<command>.yam
 
   dpft data info FILE.hdf5                       inspect and validate a robomimic-format HDF5 file
   dpft demos task=lift num=50 out=FILE.hdf5      scripted-expert demonstrations in robosuite
+  dpft demos policy=RUN_DIR num=50 out=FILE.hdf5 record a checkpoint's rollouts (gym or robosuite)
   dpft pretrain dataset=FILE.hdf5 out=RUN_DIR    behaviour cloning of a diffusion or Gaussian policy
   dpft rollout checkpoint=RUN_DIR episodes=20    run a checkpoint, score it, write videos
   dpft quickstart                                demos -> pretrain -> rollout on Lift in one go
@@ -47,32 +48,42 @@ HELP = {
         ],
     ),
     "demos": (
-        "Write scripted-expert demonstrations (robosuite) as a robomimic-format HDF5 file.",
+        "Write scripted-expert demonstrations (robosuite), or with policy=RUN_DIR rollouts of a checkpoint (gym or "
+        "robosuite), as a robomimic-format HDF5 file.",
         ["dpft demos task=lift num=50 out=data/lift.hdf5",
-         "dpft demos task=can num=100 out=data/can_noisy.hdf5 noise=0.5 seed=1"],
+         "dpft demos task=can num=100 out=data/can_noisy.hdf5 noise=0.5 seed=1",
+         "dpft demos policy=runs/hopper_ppo num=50 out=data/hopper_medium.hdf5 noise=0.2 envs=4"],
     ),
     "rollout": (
         "Roll out a checkpoint in the environment rebuilt from its metadata; print and write result.json.",
         ["dpft rollout checkpoint=runs/lift episodes=20",
-         "dpft rollout checkpoint=runs/lift episodes=10 envs=2 video=true out=runs/lift/eval"],
+         "dpft rollout checkpoint=runs/lift episodes=10 envs=2 video=true out=runs/lift/eval",
+         "dpft rollout checkpoint=runs/lift --no-verify    # skip checksum verification (same as verify=false)"],
     ),
 }
 
 
-def _split_help(args: List[str]):
+#: flags that are shorthands for an option, per command
+FLAG_OPTIONS = {"rollout": {"--no-verify": "verify=false"}}
+
+
+def _split_help(args: List[str], command: str = ""):
     want_help = any(a in ("-h", "--help") for a in args)
     show = "--show-config" in args
-    rest = [a for a in args if a not in ("-h", "--help", "--show-config")]
+    flags = FLAG_OPTIONS.get(command, {})
+    rest = [flags.get(a, a) for a in args if a not in ("-h", "--help", "--show-config")]
     for a in rest:
         if a.startswith("-"):
-            raise DpftError(f"Unknown flag {a!r}: options are written key=value (see --help).")
+            known = ", ".join(["--help", "--show-config"] + sorted(flags))
+            raise DpftError(f"Unknown flag {a!r}: options are written key=value; the flags are {known} "
+                            f"(see --help).")
     return want_help, show, rest
 
 
 def _compose_or_help(command: str, args: List[str]):
     from dpft.config import compose, to_yaml
 
-    want_help, show, overrides = _split_help(args)
+    want_help, show, overrides = _split_help(args, command)
     if want_help:
         summary, examples = HELP[command]
         print(_schema_help(command, summary, examples))
@@ -111,15 +122,32 @@ def cmd_demos(args: List[str]) -> int:
     cfg = _compose_or_help("demos", args)
     if cfg is None:
         return 0
+    if cfg.policy is not None:
+        return _record_policy_demos(cfg)
     from dpft.envs.demos import make_demos
 
     summary = make_demos(
-        task=cfg.task, num=cfg.num, out=cfg.out, seed=cfg.seed, noise=cfg.noise, image_obs=cfg.image_obs,
+        task=cfg.task or "lift", num=cfg.num, out=cfg.out, seed=cfg.seed, noise=cfg.noise, image_obs=cfg.image_obs,
         camera_size=cfg.camera_size, keep_failures=cfg.keep_failures, valid_ratio=cfg.valid_ratio,
         progress=cfg.progress,
     )
     print(f"wrote {summary.get('kept')} demos ({summary.get('samples')} samples) to {cfg.out}; "
           f"expert success {summary.get('success_rate', float('nan')):.0%} over {summary.get('attempted')} attempts")
+    return 0
+
+
+def _record_policy_demos(cfg) -> int:
+    """``dpft demos policy=RUN_DIR ...``: record rollouts of a checkpoint (dpft.envs.record.record_demos)."""
+    from dpft.envs.record import record_demos
+
+    s = record_demos(
+        cfg.policy, num=cfg.num, out=cfg.out, task=cfg.task, seed=cfg.seed, envs=cfg.envs,
+        deterministic=cfg.deterministic, noise=cfg.noise, keep_failures=cfg.keep_failures, min_return=cfg.min_return,
+        max_episode_steps=cfg.max_episode_steps, image_obs=cfg.image_obs, camera_size=cfg.camera_size,
+        valid_ratio=cfg.valid_ratio, weights=cfg.weights, device=cfg.device, progress=cfg.progress,
+    )
+    print(f"wrote {s['kept']} demos ({s['samples']} samples) of {s['env_name']} to {s['path']}; mean return "
+          f"{s['mean_return']:.3f}, {s['kept']} kept of {s['attempted']} episodes (success {s['success_rate']:.0%})")
     return 0
 
 
@@ -145,7 +173,7 @@ def cmd_rollout(args: List[str]) -> int:
         cfg.checkpoint, episodes=cfg.episodes, num_envs=cfg.envs or None, seed=cfg.seed,
         video=(cfg.videos or True) if cfg.video else 0, out_dir=out, weights=cfg.weights,
         device=cfg.device, deterministic=cfg.deterministic, progress=cfg.progress, env_options=env_options,
-        video_size=(cfg.video_size, cfg.video_size), camera=cfg.camera,
+        video_size=(cfg.video_size, cfg.video_size), camera=cfg.camera, verify=cfg.verify,
     )
     return 0
 

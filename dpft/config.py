@@ -119,6 +119,7 @@ class PretrainConfig:
     device: str = _f("auto", "cpu | cuda | cuda:N | auto")
     num_threads: Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
     resume: bool = _f(False, "continue from the newest checkpoint in `out`")
+    overwrite: bool = _f(False, "delete the dpft run already in `out` and start over (never a non-dpft directory)")
     logger: str = _f("none", "none | wandb (metrics.jsonl and loss_curve.png are always written)")
     wandb_project: str = _f("dpft", "wandb project")
     wandb_mode: str = _f("online", "online | offline | disabled")
@@ -151,22 +152,35 @@ class PretrainConfig:
 
 @dataclass
 class DemosConfig:
-    """``dpft demos``: scripted-expert demonstrations in robosuite, written as robomimic HDF5."""
+    """``dpft demos``: scripted-expert demonstrations in robosuite, or (``policy=RUN_DIR``) recorded rollouts of a
+    checkpoint in its robosuite or gym env, written as robomimic HDF5."""
 
-    task: str = _f("lift", "lift | can (| square when its expert is available)")
+    task: Optional[str] = _f(None, "scripted expert: lift (default) | can | square; with policy=: optional, must match "
+                                   "the checkpoint's env (hopper, lift, ...)")
     num: int = _f(50, "successful demonstrations to write")
     out: Optional[str] = _f(None, "output HDF5 file (required)")
     seed: int = _f(0, "episode i uses seed + i")
-    noise: float = _f(0.0, "imperfection level: 0 = clean expert, 0.3-1.0 = human-like noisy demos")
+    noise: float = _f(0.0, "imperfection level: 0 = clean expert, 0.3-1.0 = human-like noisy demos; with policy=: "
+                           "std of Gaussian action noise in normalized action units")
     image_obs: bool = _f(False, "also record camera images (<camera>_image, uint8)")
     camera_size: int = _f(84, "camera image height and width")
     keep_failures: bool = _f(False, "keep failed episodes too")
     valid_ratio: float = _f(0.1, "fraction of demos listed in mask/valid")
     progress: bool = _f(True, "show a progress bar")
+    # recording a checkpoint (policy=RUN_DIR; dpft.envs.record.record_demos)
+    policy: Optional[str] = _f(None, "record rollouts of this run/checkpoint directory instead of a scripted expert")
+    envs: int = _f(1, "policy=: parallel environments")
+    deterministic: bool = _f(True, "policy=: deterministic sampling (Gaussian mean, DDIM eta 0 / DDPM min std)")
+    min_return: Optional[float] = _f(None, "policy=: drop episodes whose return is below this")
+    max_episode_steps: Optional[int] = _f(None, "policy=: episode limit (default: the task's)")
+    weights: str = _f("ema", "policy=: ema | model weights of the checkpoint")
+    device: str = _f("cpu", "policy=: cpu | cuda | auto (policy inference device)")
 
     def validate(self) -> None:
         if not self.out:
             raise DpftError("out=FILE.hdf5 is required: where to write the demonstrations.")
+        if self.envs < 1:
+            raise DpftError(f"envs={self.envs} must be >= 1.")
         if self.num < 1:
             raise DpftError(f"num={self.num} must be >= 1.")
         if self.noise < 0:
@@ -191,6 +205,7 @@ class RolloutConfig:
     terminate_on_success: bool = _f(True, "end an episode when the task succeeds")
     video_size: int = _f(256, "video frame size (square)")
     camera: Optional[str] = _f(None, "camera to render (default agentview)")
+    verify: bool = _f(True, "check the checkpoint's sha256 checksums (false = --no-verify: load damaged files anyway)")
     progress: bool = _f(True, "show a progress bar")
 
     def validate(self) -> None:

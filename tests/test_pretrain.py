@@ -125,15 +125,37 @@ def test_clip_grad_norm_matches_torch():
 
 def test_existing_run_needs_resume_and_resume_needs_checkpoint(learnable, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(DpftError, match="resume=true but RUN_DIR .* has no checkpoint; start without resume=true"):
+    with pytest.raises(DpftError, match="resume=true but out='.*run' holds no run to resume .it does not exist."):
         Pretrainer(compose("pretrain", small(learnable, out, "resume=true")))
+    assert not out.exists()
+    pretrain(compose("pretrain", small(learnable, out, steps=10, min_lr_ratio=0.1)))
+    with pytest.raises(DpftError, match="already holds a pretrain run with checkpoints .newest: step_00000010.. Pass "
+                                        "resume=true to continue it, overwrite=true to delete it"):
+        Pretrainer(compose("pretrain", small(learnable, out, steps=10, min_lr_ratio=0.1)))
+    # resuming a finished run is a no-op returning the last checkpoint; more steps continue it at the final LR
+    kw = dict(min_lr_ratio=0.1)
+    assert pretrain(compose("pretrain", small(learnable, out, "resume=true", steps=10, **kw))).endswith("step_00000010")
+    assert pretrain(compose("pretrain", small(learnable, out, "resume=true", steps=15, **kw))).endswith("step_00000015")
+    recs = read_metrics(str(out))
+    assert [r["step"] for r in recs] == [5, 10, 15]
+    # the schedule is not restarted: step 15 logs lr of step 14 = min_lr_ratio * lr (end of the 10-step schedule)
+    assert recs[2]["lr"] == pytest.approx(0.1 * 1e-3)
+    step_json = json.loads((out / "checkpoints" / "step_00000015" / "training_state" / "step.json").read_text())
+    assert step_json["schedule_steps"] == 10
+
+
+def test_longer_budget_on_resume_refused_when_schedule_ends_at_zero(learnable, tmp_path):
+    out = tmp_path / "run"
     pretrain(compose("pretrain", small(learnable, out, steps=10)))
-    with pytest.raises(DpftError, match="already holds a run with checkpoints .*Pass resume=true"):
-        Pretrainer(compose("pretrain", small(learnable, out, steps=10)))
-    # resuming a finished run is a no-op returning the last checkpoint; more steps continue it
-    assert pretrain(compose("pretrain", small(learnable, out, "resume=true", steps=10))).endswith("step_00000010")
-    assert pretrain(compose("pretrain", small(learnable, out, "resume=true", steps=15))).endswith("step_00000015")
-    assert [r["step"] for r in read_metrics(str(out))] == [5, 10, 15]
+    with pytest.raises(DpftError) as e:
+        Pretrainer(compose("pretrain", small(learnable, out, "resume=true", steps=20)))
+    msg = str(e.value)
+    assert "steps=20, but the run's learning-rate schedule ends at step 10 with min_lr_ratio=0.0" in msg
+    assert "does not restart the cosine schedule" in msg
+    # overwrite=true starts over with the new budget (and a fresh schedule)
+    assert pretrain(compose("pretrain", small(learnable, out, "++overwrite=true", steps=20))).endswith("step_00000020")
+    assert [r["step"] for r in read_metrics(str(out))] == [5, 10, 15, 20]
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000010", "step_00000020"]
 
 
 def test_restart_after_crash_before_first_checkpoint(learnable, tmp_path):
