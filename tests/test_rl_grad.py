@@ -181,11 +181,12 @@ def test_upgrad_backend_errors(monkeypatch):
         G.upgrad(t(1, 0), t(0, 1), backend="qp")
     monkeypatch.setattr(sys, "version_info", (3, 8, 18, "final", 0))
     with pytest.raises(DpftError, match=r"Python >= 3.10; this is Python 3.8.*dpft\[jd\].*backend='exact'"):
-        G.upgrad(t(1, 0), t(0, 1))
+        G.upgrad(t(1, 0), t(0, 1), backend="torchjd")
+    assert G.upgrad(t(1, 0), t(-1, 1)).tolist() == [0.25, 0.75]  # the default (exact) needs nothing
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "torchjd", None)  # makes `import torchjd` raise ImportError
     with pytest.raises(DpftError, match=r"not installed.*pip install 'dpft\[jd\]'"):
-        G.upgrad(t(1, 0), t(0, 1))
+        G.upgrad(t(1, 0), t(0, 1), backend="torchjd")
 
 
 needs_torchjd = pytest.mark.skipif(
@@ -196,14 +197,28 @@ needs_torchjd = pytest.mark.skipif(
 
 @needs_torchjd
 def test_upgrad_torchjd_hand_and_random():
-    torch.testing.assert_close(G.upgrad(t(1, 0), t(-1, 1)), t(0.25, 0.75), rtol=0, atol=1e-3)
+    torch.testing.assert_close(G.upgrad(t(1, 0), t(-1, 1), backend="torchjd"), t(0.25, 0.75), rtol=0, atol=1e-3)
     gen = torch.Generator().manual_seed(4)
     for i in range(20):
         g, r = _rand_pair(gen, 60, conflict=i % 2 == 0)
         exact = G.upgrad(g, r, backend="exact")
-        got = G.upgrad(g, r)
-        # torchjd adds 1e-4 to the diagonal of the trace-normalized Gramian: ~1e-3 relative at most
+        got = G.upgrad(g, r, backend="torchjd")
+        # torchjd adds 1e-4 to the diagonal of the trace-normalized Gramian: ~1e-3 relative at these norm
+        # ratios (0.2 to 3.2), growing as the ratio shrinks (test below)
         assert float((got - exact).norm() / exact.norm()) < 5e-3
+
+
+@needs_torchjd
+def test_upgrad_torchjd_error_grows_with_norm_ratio():
+    """Why backend='exact' is the default: torchjd's regularization dominates when |r| << |g|."""
+    gen = torch.Generator().manual_seed(9)
+    g, r = _rand_pair(gen, 100, conflict=True)
+    errors = []
+    for ratio in (1.0, 0.1, 0.01):
+        rr = r / r.norm() * g.norm() * ratio
+        exact = G.upgrad(g, rr)
+        errors.append(float((G.upgrad(g, rr, backend="torchjd") - exact).norm() / exact.norm()))
+    assert errors[0] < 1e-3 and errors[2] > 0.05 and errors == sorted(errors)
 
 
 @needs_torchjd

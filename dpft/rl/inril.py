@@ -405,7 +405,7 @@ def validate_separation(mode: str, agent: str, key: str = "inril.separation") ->
 
 
 def separate_il_gradient(g_il: torch.Tensor, reference: Optional[torch.Tensor], mode: str,
-                         backend: str = "torchjd") -> torch.Tensor:
+                         backend: str = "exact") -> torch.Tensor:
     """The gradient an IL step applies under ``inril.separation=mode``, given the reference RL direction.
 
     ``none``: ``g_il``. ``pcgrad``: ``pcgrad(g_il, reference)`` (the IL step loses its component against the
