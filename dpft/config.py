@@ -131,6 +131,12 @@ class PretrainConfig:
         if not self.out:
             raise DpftError("out=RUN_DIR is required: the directory for checkpoints and metrics.")
         self.policy.validate()
+        if self.policy.ft_denoising_steps != 0:  # (H-model) pretraining trains the base denoiser only
+            raise DpftError(
+                f"policy.ft_denoising_steps={self.policy.ft_denoising_steps}: pretraining trains the base denoiser, "
+                "and a fine-tuned copy of the last K' steps would freeze it. Pretrain with "
+                "policy.ft_denoising_steps=0 and set K' when fine-tuning (dpft finetune ... ft_denoising_steps=K')."
+            )
         for name in ("horizon_steps", "cond_steps", "act_steps", "steps", "batch_size", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise DpftError(f"{name}={getattr(self, name)} must be >= 1.")

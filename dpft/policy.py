@@ -159,8 +159,7 @@ class Policy:
                       generator: Optional[torch.Generator] = None) -> np.ndarray:
         """The whole predicted chunk, unnormalized: ``np.ndarray float32 (B, horizon_steps, Da)``."""
         model_obs = self.normalize_obs(obs)
-        self.model.eval()
-        actions, _ = self.model.sample(model_obs, deterministic=deterministic, generator=generator)
+        actions = self.model.sample(model_obs, deterministic=deterministic, generator=generator)[0]
         # the training data spans [-1, 1] after normalization; a stochastic Gaussian sample may step outside it
         # (kept unclipped inside the model so RL log-probs stay exact), but the env only gets in-range actions
         actions = self.normalizer.unnormalize("action", actions.clamp(-1.0, 1.0))

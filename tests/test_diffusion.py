@@ -169,7 +169,7 @@ def test_sample_shapes_range_and_chain(ddim):
     assert acts.shape == (5, TA, DA)
     assert float(acts.abs().max()) <= 1.0
     assert chain.shape == (5, n + 1, TA, DA)
-    assert torch.equal(chain[:, -1], acts)
+    assert torch.equal(chain[:, -1].clamp(-1, 1), acts)  # the chain is raw, only the action is clamped
     acts_d, none = model.sample(obs, deterministic=True, generator=torch.Generator().manual_seed(0))
     assert none is None and float(acts_d.abs().max()) <= 1.0
     model.make_finetunable(3)
@@ -311,7 +311,7 @@ def test_ft_network_serves_only_the_last_steps():
     torch.testing.assert_close(chain[:, 0], full[:, 6])  # steps 0..5 ran the frozen base
     assert not torch.allclose(chain[:, -1], full[:, -1])
     base, _ = model.sample(obs, generator=torch.Generator().manual_seed(0), use_base_network=True)
-    torch.testing.assert_close(base, full[:, -1])
+    torch.testing.assert_close(base, full[:, -1].clamp(-1, 1))
     # per-sample step indices mixing base (< 6) and fine-tuned (>= 6) steps route each row correctly
     x = chain[:, 0]
     cond = model.encode(obs)
@@ -396,3 +396,204 @@ def test_loss_falls_on_a_learnable_mapping():
         opt.step()
     final = eval_loss()
     assert final < 0.5 * initial, (initial, final)
+
+
+# ---------------------------------------------------------------- RL API: fast sampler, raw chains, log-probs
+
+
+def _reference_sample(model, obs, deterministic, seed):
+    """The sampler written out with step_distribution (checked against diffusers above): raw chain of the
+    chain steps, clamped action. The fast loop in DiffusionModel.sample must give the same bits."""
+    gen = torch.Generator().manual_seed(seed)
+    cond = model.encode(obs)
+    b = obs["state"].shape[0]
+    shape = (b, TA, DA)
+    n = model.num_sampling_steps
+    keep_from = n - model.chain_steps
+    x = torch.randn(shape, generator=gen)
+    chain = [x] if keep_from == 0 else []
+    with torch.no_grad():
+        for i in range(n):
+            mean, std = model.step_distribution(x, i, cond, deterministic)
+            if deterministic and (model.use_ddim or i == n - 1):
+                x = mean
+            else:
+                x = mean + std * torch.randn(shape, generator=gen).clamp_(-model.randn_clip_value,
+                                                                          model.randn_clip_value)
+            if i + 1 >= keep_from:
+                chain.append(x)
+    return x.clamp(-1, 1), torch.stack(chain, dim=1)
+
+
+def _wide_mlp_model(ddim, ft, cond_mlp=False, **kw):
+    torch.manual_seed(0)
+    enc = ObsEncoder({}, DO, TO, [], cond_mlp_dims=[8] if cond_mlp else None)
+    net = DiffusionMLP(DA, TA, enc.cond_dim, mlp_dims=[32, 32, 32])
+    steps = dict(denoising_steps=100, use_ddim=True, ddim_steps=5) if ddim else dict(denoising_steps=10)
+    return DiffusionModel(net, enc, TA, DA, ft_denoising_steps=ft, randn_clip_value=3.0, **steps, **kw)
+
+
+@pytest.mark.parametrize("ddim,ft,cond_mlp", [(False, 0, False), (False, 4, True), (True, 5, False),
+                                              (True, 2, True)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fast_sampler_is_bit_identical_to_stepping(ddim, ft, cond_mlp, deterministic):
+    model = _wide_mlp_model(ddim, ft, cond_mlp)
+    if ft:
+        with torch.no_grad():  # make the copy differ from the base, so routing matters
+            for p in model.ft_network.parameters():
+                p.mul_(1.3)
+    obs = _obs(6)
+    acts, chain = model.sample(obs, deterministic, torch.Generator().manual_seed(3), return_chain=True)
+    ref_acts, ref_chain = _reference_sample(model, obs, deterministic, 3)
+    assert torch.equal(acts, ref_acts) and torch.equal(chain, ref_chain)
+
+
+@pytest.mark.parametrize("ddim", [False, True])
+def test_sample_log_prob_equals_chain_log_prob(ddim):
+    model = _wide_mlp_model(ddim, 3, cond_mlp=True, min_logprob_denoising_std=0.1)
+    obs = _obs(5)
+    acts, chain, lp = model.sample(obs, generator=torch.Generator().manual_seed(1), return_chain=True,
+                                   return_log_prob=True)
+    assert lp.shape == (5, 3, TA, DA) and chain.shape == (5, 4, TA, DA)
+    torch.testing.assert_close(lp, model.chain_log_prob(obs, chain), rtol=1e-5, atol=1e-5)
+    # independent value: log N(x'; mean, max(std, 0.1)) from step_distribution's mean and the raw std
+    cond = model.encode(obs)
+    n = model.num_sampling_steps
+    with torch.no_grad():
+        mean, _ = model.step_distribution(chain[:, 1], n - 2, cond)
+        _, raw_std = model._raw_step(chain[:, 1], n - 2, cond, model.ddim_eta)
+    expected = Normal(mean, raw_std.clamp(min=0.1)).log_prob(chain[:, 2])
+    torch.testing.assert_close(lp[:, 1], expected, rtol=1e-5, atol=1e-5)
+    # same draws with and without log-probs
+    acts2, chain2 = model.sample(obs, generator=torch.Generator().manual_seed(1), return_chain=True)
+    assert torch.equal(acts, acts2) and torch.equal(chain, chain2)
+    with pytest.raises(DpftError, match="deterministic=False"):
+        model.sample(obs, deterministic=True, return_log_prob=True)
+
+
+class _ConstX0Stub(nn.Module):
+    """eps that makes x0_hat = target + shift at every timestep (so the last DDPM step's mean is
+    target + shift); ``shift`` is the parameter the PPO score is taken against."""
+
+    def __init__(self, alphas_cumprod, target):
+        super().__init__()
+        self.register_buffer("abar", alphas_cumprod.clone())
+        self.shift = nn.Parameter(torch.zeros(()))
+        self.target = float(target)
+        self.cond_dim = TO * DO
+
+    def forward(self, x, t, cond):
+        abar = self.abar[t].reshape(-1, 1, 1)
+        return (x - abar.sqrt() * (self.target + self.shift)) / (1 - abar).sqrt()
+
+
+def test_raw_chain_keeps_the_score_unbiased_where_clamping_would_not():
+    """issue 7: with mean 0.95 and std 0.1 about 31% of elements clamp; the score of a clamped chain is
+    about -2 per element, the raw chain's is 0 (within its standard error)."""
+    sched = DiffusionSchedule(10)
+    net = _ConstX0Stub(sched.alphas_cumprod, 0.95)
+    model = DiffusionModel(net, _encoder(), TA, DA, denoising_steps=10, ft_denoising_steps=1,
+                           min_sampling_denoising_std=0.1, min_logprob_denoising_std=0.1)
+    b = 4000
+    obs = _obs(b)
+    acts, chain = model.sample(obs, generator=torch.Generator().manual_seed(0), return_chain=True)
+    last = chain[:, 1]
+    frac = float((last > 1).float().mean())
+    assert 0.29 < frac < 0.33  # P(z > 0.5) = 0.3085
+    assert float(acts.max()) == 1.0 and torch.equal(acts, last.clamp(-1, 1))
+
+    def mean_score(x_next):
+        model.zero_grad()
+        lp = model.chain_log_prob(obs, torch.stack([chain[:, 0], x_next], dim=1))
+        lp.sum().backward()
+        return float(model.ft_network.shift.grad) / lp.numel()
+
+    raw = mean_score(last)
+    se = 10.0 / math.sqrt(b * TA * DA)  # score = z / 0.1 per element
+    assert abs(raw) < 4 * se, (raw, se)
+    clamped = mean_score(last.clamp(-1, 1))
+    assert clamped < -1.5  # what storing the clamped latent did
+
+
+def test_loss_through_ft_copy_and_t_range():
+    model = _wide_mlp_model(False, 0)
+    batch = {"obs": _obs(8), "actions": torch.rand(8, TA, DA) * 2 - 1}
+    full, _ = model.loss(batch, torch.Generator().manual_seed(4))
+    same, _ = model.loss(batch, torch.Generator().manual_seed(4), t_range=(0, 10))
+    assert torch.equal(full, same)  # the default range draws exactly as pretraining did
+    seen = []
+    handle = model.network.time_mlp.register_forward_hook(lambda m, inp, out: seen.append(inp[0].clone()))
+    model.loss(dict(batch, actions=torch.zeros(512, TA, DA), obs=_obs(512)), torch.Generator().manual_seed(0),
+               t_range=(2, 5))
+    handle.remove()
+    assert set(seen[0].tolist()) == {2, 3, 4}
+    with pytest.raises(DpftError, match="t_range"):
+        model.loss(batch, t_range=(3, 3))
+    with pytest.raises(DpftError, match="t_range"):
+        model.loss(batch, t_range=(0, 11))
+    with pytest.raises(DpftError, match="make_finetunable"):
+        model.loss(batch, network="ft")
+    model.make_finetunable(3)
+    assert model.ft_timestep_range() == (0, 3)  # DDPM: the last K' steps are timesteps 2, 1, 0
+    with pytest.raises(DpftError, match="network='ft'"):
+        model.loss(batch)  # the frozen base cannot train: a clear error, not torch's
+    with torch.no_grad():
+        base_loss, _ = model.loss(batch, torch.Generator().manual_seed(4))
+    assert torch.equal(base_loss, full)  # evaluating the frozen base still works
+    loss, _ = model.loss(batch, torch.Generator().manual_seed(4), network="ft", t_range=model.ft_timestep_range())
+    loss.backward()
+    assert all(p.grad is not None for p in model.ft_network.parameters())
+    assert all(p.grad is None for p in model.network.parameters())
+
+
+def test_ft_timestep_range_ddim():
+    model = _stub_model(denoising_steps=100, use_ddim=True, ddim_steps=5, ft_denoising_steps=5)
+    assert model.ft_timestep_range() == (0, 81)  # timesteps 80, 60, 40, 20, 0
+    model = _stub_model(denoising_steps=100, use_ddim=True, ddim_steps=5, ft_denoising_steps=2)
+    assert model.ft_timestep_range() == (0, 21)  # timesteps 20, 0
+    with pytest.raises(DpftError, match="make_finetunable"):
+        _stub_model(denoising_steps=10).ft_timestep_range()
+
+
+def test_logprob_std_floor_must_be_positive():
+    with pytest.raises(DpftError, match="min_logprob_denoising_std must be > 0"):
+        _stub_model(denoising_steps=100, use_ddim=True, ddim_steps=5, min_logprob_denoising_std=0.0)
+
+
+def test_num_samples_and_precomputed_cond():
+    model = _wide_mlp_model(True, 3, cond_mlp=True)
+    obs = _obs(3)
+    calls = []
+    for enc in (model.obs_encoder, model.ft_obs_encoder):
+        enc.register_forward_hook(lambda m, inp, out: calls.append(out.shape[0]))
+    acts, chain, lp = model.sample(obs, generator=torch.Generator().manual_seed(2), return_chain=True,
+                                   num_samples=4, return_log_prob=True)
+    assert calls == [3, 3]  # each encoder once, on the 3 observations (not on 12 rows)
+    assert acts.shape == (12, TA, DA) and chain.shape == (12, 4, TA, DA) and lp.shape == (12, 3, TA, DA)
+    rep = {"state": obs["state"].repeat_interleave(4, dim=0)}  # row i*4+j = candidate j of obs i
+    acts_rep, chain_rep = model.sample(rep, generator=torch.Generator().manual_seed(2), return_chain=True)
+    torch.testing.assert_close(acts, acts_rep)
+    torch.testing.assert_close(chain, chain_rep)
+    torch.testing.assert_close(lp, model.chain_log_prob(rep, chain), rtol=1e-5, atol=1e-5)
+    cond = model.encode(obs)
+    acts_c, _ = model.sample(None, generator=torch.Generator().manual_seed(2), cond=cond, num_samples=4)
+    assert torch.equal(acts_c, acts)
+    with pytest.raises(DpftError, match="num_samples"):
+        model.sample(obs, num_samples=0)
+
+
+def test_cond_for_refuses_a_bare_tensor_once_the_encoder_has_a_copy():
+    model = _wide_mlp_model(False, 3, cond_mlp=True)
+    obs = _obs(2)
+    base_only = model.encode(obs, base=True, ft=False)
+    with pytest.raises(DpftError, match="Cond"):
+        model.sample(None, cond=base_only.base)
+    with pytest.raises(DpftError, match="ft=True"):
+        model.sample(None, cond=base_only)
+    with pytest.raises(DpftError, match="Cond"):
+        model.step_log_prob(base_only.base, torch.zeros(2, TA, DA), torch.zeros(2, TA, DA), torch.tensor([0, 1]))
+    shared = _wide_mlp_model(False, 3)  # no encoder weights: one encoding serves both networks
+    c = shared.obs_encoder(obs)
+    a1, _ = shared.sample(None, cond=c, generator=torch.Generator().manual_seed(0))
+    a2, _ = shared.sample(obs, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a1, a2)

@@ -192,3 +192,16 @@ def test_stochastic_gaussian_actions_stay_in_the_data_range(tmp_path):
     # the std really is wide: many samples sit on the bounds, i.e. they were clamped
     on_bounds = np.isclose(raw[:, 0], lo, atol=1e-5) | np.isclose(raw[:, 0], hi, atol=1e-5)
     assert on_bounds.mean() > 0.05
+
+
+def test_pretrain_rejects_ft_denoising_steps_with_a_message(tmp_path):
+    with pytest.raises(DpftError, match=r"policy.ft_denoising_steps=3: pretraining trains the base denoiser"):
+        compose("pretrain", ["dataset=x.hdf5", "out=" + str(tmp_path / "r"), "policy.ft_denoising_steps=3"])
+
+
+def test_acting_leaves_the_model_mode_alone(run):
+    policy = dpft.load_policy(run["out"])
+    assert not policy.model.training  # built for evaluation
+    policy.model.train()  # a trainer sharing the model switched it to training mode
+    policy.act({k: v[:2] for k, v in run["obs"].items()})
+    assert policy.model.training

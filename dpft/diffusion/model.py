@@ -20,27 +20,18 @@ DDPM with std floored at 1e-3 and 0 at the last step (DPPO's evaluation mode).
 from __future__ import annotations
 
 import copy
+import math
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from torch.distributions import Normal
 from torch.nn import functional as F
 
 from dpft.diffusion.schedule import DiffusionSchedule, StepIndex
 from dpft.errors import DpftError
 from dpft.models.mlp import check_action_chunk
-
-
-def _randn(shape: Sequence[int], generator: Optional[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal drawn on the generator's device (a CPU generator can drive a GPU model)."""
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
-
-
-def _randint(high: int, shape: Sequence[int], generator: Optional[torch.Generator], device) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else device
-    return torch.randint(0, int(high), tuple(shape), generator=generator, device=gen_device).to(device)
+from dpft.models.rand import randint as _randint
+from dpft.models.rand import randn as _randn
 
 
 class Cond(NamedTuple):
@@ -106,11 +97,17 @@ class DiffusionModel(nn.Module):
             )
         for name, value in (
             ("min_sampling_denoising_std", min_sampling_denoising_std),
-            ("min_logprob_denoising_std", min_logprob_denoising_std),
             ("ddim_eta", ddim_eta),
         ):
             if float(value) < 0:
                 raise DpftError("{} must be >= 0, got {}.".format(name, value))
+        if not float(min_logprob_denoising_std) > 0:
+            raise DpftError(
+                "min_logprob_denoising_std must be > 0 (DPPO uses 0.1), got {}: the last DDPM step and every "
+                "deterministic DDIM step have std 0, so an unfloored log-probability is infinite or NaN.".format(
+                    min_logprob_denoising_std
+                )
+            )
         if float(randn_clip_value) <= 0:
             raise DpftError("randn_clip_value must be > 0, got {}.".format(randn_clip_value))
         if denoised_clip_value is not None and float(denoised_clip_value) <= 0:
@@ -215,7 +212,18 @@ class DiffusionModel(nn.Module):
         return Cond(c_base, c_ft)
 
     def _cond_for(self, cond: CondLike, use_ft: bool) -> torch.Tensor:
+        """The encoding a step of the base (``use_ft=False``) or fine-tuned network reads.
+
+        A bare tensor is accepted only while both networks share one encoder (no ``ft_obs_encoder``): once
+        the encoder has a fine-tuned copy, a tensor cannot say which encoder produced it, so a :class:`Cond`
+        from :meth:`encode` is required (a base encoding never stands in for the fine-tuned one).
+        """
         if isinstance(cond, torch.Tensor):
+            if self.ft_obs_encoder is not None:
+                raise DpftError(
+                    "This model has a fine-tuned observation encoder (ft_obs_encoder), so a bare conditioning "
+                    "tensor is ambiguous; pass the Cond returned by model.encode(obs) instead."
+                )
             return cond
         if use_ft and self.ft_obs_encoder is not None:
             if cond.ft is None:
@@ -225,25 +233,76 @@ class DiffusionModel(nn.Module):
             raise DpftError("This step uses the base encoder; encode(obs, base=True) is needed.")
         return cond.base
 
+    def ft_timestep_range(self) -> Tuple[int, int]:
+        """Training timesteps ``[lo, hi)`` the fine-tuned sampling steps cover (for ``loss(t_range=...)``).
+
+        The last ``K'`` sampling steps query the network at timesteps ``t_i`` for ``i = N-K'..N-1``, from
+        ``t_{N-K'}`` down to 0, so the range is ``[0, t_{N-K'} + 1)``:
+
+        - DDPM (``t_i = K-1-i``): ``[0, K')``, exactly the timesteps the copy serves;
+        - DDIM (``t_i = (N-1-i) * (K // N)``): ``[0, (K'-1) * (K // N) + 1)``; the copy is queried only at the
+          multiples of ``K // N`` in it (e.g. K=100, N=5, K'=5: ``[0, 81)``, queried at 0, 20, 40, 60, 80), and
+          training on the whole interval also covers the noise levels between them.
+
+        Needs :meth:`make_finetunable` (``K' >= 1``).
+        """
+        if self.ft_network is None:
+            raise DpftError("ft_timestep_range() needs a fine-tunable model; call make_finetunable(K') first.")
+        first = self.num_sampling_steps - self.ft_denoising_steps
+        return 0, int(self.schedule.timesteps[first]) + 1
+
     # ------------------------------------------------------------------ training
     def loss(
-        self, batch: Mapping[str, object], generator: Optional[torch.Generator] = None
+        self,
+        batch: Mapping[str, object],
+        generator: Optional[torch.Generator] = None,
+        network: str = "base",
+        t_range: Optional[Tuple[int, int]] = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Epsilon-prediction MSE on ``batch = {"obs": {...}, "actions": (B, Ta, Da)}``.
 
-        ``t ~ U{0..K-1}``, ``noise ~ N(0, I)`` from ``generator``; images are randomly shifted when the module
-        is in training mode. Returns ``(loss, {"loss": detached loss})`` (0-dim tensors; call ``float``).
+        ``t ~ U{lo..hi-1}`` (``t_range = (lo, hi)``, default ``(0, K)``), ``noise ~ N(0, I)`` from ``generator``;
+        images are randomly shifted when the module is in training mode. ``network="base"`` trains ``network``
+        through ``obs_encoder`` (pretraining); ``network="ft"`` trains the fine-tuned copies ``ft_network`` /
+        ``ft_obs_encoder`` (the IL update of IN-RIL-style fine-tuning), typically with
+        ``t_range=model.ft_timestep_range()``. With the default range the draws are those of pretraining.
+        Returns ``(loss, {"loss": detached loss})`` (0-dim tensors; call ``float``).
         """
         if "obs" not in batch or "actions" not in batch:
             raise DpftError("A training batch needs keys 'obs' and 'actions', got {}.".format(sorted(batch)))
+        if network not in ("base", "ft"):
+            raise DpftError("loss(network={!r}): expected 'base' or 'ft'.".format(network))
+        if network == "ft":
+            if self.ft_network is None:
+                raise DpftError("loss(network='ft') needs a fine-tunable model; call make_finetunable(K') first.")
+            net = self.ft_network
+            encoder = self.ft_obs_encoder if self.ft_obs_encoder is not None else self.obs_encoder
+        else:
+            if self.ft_network is not None and torch.is_grad_enabled():
+                raise DpftError(
+                    "loss(network='base') on a fine-tunable model: the base denoiser is frozen "
+                    "(requires_grad=False) once make_finetunable ran, so this loss cannot be trained. Pass "
+                    "network='ft' to train the fine-tuned copy, or evaluate the base under torch.no_grad()."
+                )
+            net, encoder = self.network, self.obs_encoder
+        k = self.denoising_steps
+        lo, hi = (0, k) if t_range is None else (int(t_range[0]), int(t_range[1]))
+        if not 0 <= lo < hi <= k:
+            raise DpftError(
+                "t_range={} must satisfy 0 <= lo < hi <= denoising_steps = {} (training timesteps [lo, hi)).".format(
+                    tuple(t_range), k
+                )
+            )
         x0 = batch["actions"]
         check_action_chunk(self.horizon_steps, self.action_dim, x0, "batch['actions']")
-        cond = self.obs_encoder(batch["obs"], generator=generator, augment=self.training)
+        cond = encoder(batch["obs"], generator=generator, augment=self.training)
         b = x0.shape[0]
-        t = _randint(self.denoising_steps, (b,), generator, x0.device)
+        t = _randint(hi - lo, (b,), generator, x0.device)
+        if lo:
+            t = t + lo
         noise = _randn(x0.shape, generator, x0.device, x0.dtype)
         x_t = self.schedule.q_sample(x0, t, noise)
-        eps = self.network(x_t, t, cond)
+        eps = net(x_t, t, cond)
         loss = F.mse_loss(eps, noise)
         return loss, {"loss": loss.detach()}
 
@@ -335,45 +394,153 @@ class DiffusionModel(nn.Module):
         return mean, std
 
     # ------------------------------------------------------------------ sampling
+    def _sampling_plan(self, deterministic: bool) -> List[_StepPlan]:
+        """Per-step Python-float coefficients of the sampler (cached; rebuilt when a setting changes).
+
+        Every number is computed with the same float32 tensor operations as :meth:`step_distribution`
+        and :mod:`dpft.diffusion.schedule`, then read out once, so the fast loop in :meth:`sample` gives
+        bit-identical results to stepping with :meth:`step_distribution` (tested).
+        """
+        key = (
+            bool(deterministic), self.ddim_eta, self.min_sampling_denoising_std, self.min_logprob_denoising_std,
+            self.num_sampling_steps, self.use_ddim,
+        )
+        cache = self.__dict__.setdefault("_plan_cache", {})
+        plan = cache.get(key)
+        if plan is not None:
+            return plan
+        sched = self.schedule
+        n = self.num_sampling_steps
+        eta = 0.0 if deterministic else self.ddim_eta
+        plan = []
+        for i in range(n):
+            abar_t = sched.step_alphas_cumprod[i].detach().cpu()
+            sx, sa = float((1.0 - abar_t).sqrt()), float(abar_t.sqrt())
+            if self.use_ddim:
+                abar_s = sched.step_alphas_cumprod_prev[i].detach().cpu()
+                sigma1 = sched.ddim_sigma_eta1[i].detach().cpu()
+                sigma = float(eta) * sigma1
+                m0 = float(abar_s.sqrt())
+                m1 = float((1.0 - abar_s - sigma**2).clamp(min=0.0).sqrt())
+                raw_std = float(sigma)
+                lp_std = float(self.ddim_eta * sigma1)  # log-probs use the stochastic sampler's eta
+            else:
+                m0 = float(sched.posterior_coef_x0[i].detach().cpu())
+                m1 = float(sched.posterior_coef_xt[i].detach().cpu())
+                raw_std = lp_std = float(torch.exp(0.5 * sched.posterior_log_variance_clipped[i].detach().cpu()))
+            if not deterministic:
+                std, draw = max(raw_std, self.min_sampling_denoising_std), True
+            elif self.use_ddim or i == n - 1:
+                std, draw = 0.0, False
+            else:
+                std, draw = max(raw_std, 1e-3), True
+            plan.append(_StepPlan(sx, sa, m0, m1, std, draw, max(lp_std, self.min_logprob_denoising_std)))
+        cache.clear()
+        cache[key] = plan
+        return plan
+
     @torch.no_grad()
     def sample(
         self,
-        obs: Mapping[str, torch.Tensor],
+        obs: Optional[Mapping[str, torch.Tensor]],
         deterministic: bool = False,
         generator: Optional[torch.Generator] = None,
         return_chain: bool = False,
         use_base_network: bool = False,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Run the reverse chain: actions ``(B, Ta, Da)`` in [-1, 1] and optionally the chain.
+        cond: Optional[CondLike] = None,
+        num_samples: int = 1,
+        return_log_prob: bool = False,
+    ):
+        """Run the reverse chain: actions ``(B*num_samples, Ta, Da)`` clamped to [-1, 1], optionally the chain
+        and the chain's log-probs.
 
-        The chain holds the last ``chain_steps + 1`` latents ``(B, K'+1, Ta, Da)`` (all ``N + 1`` when the
-        model is not fine-tunable); its last entry equals the returned actions. ``x_K`` and the per-step noise
-        (clipped to ``randn_clip_value``) come from ``generator``. ``use_base_network`` samples the frozen
-        pretrained policy.
+        Args:
+            obs: observation dict ``(B, To, ...)`` (may be ``None`` when ``cond`` is given).
+            deterministic: DDIM with eta 0, or DDPM with std floored at 1e-3 and no noise at the last step.
+            generator: source of ``x_K`` and of the per-step noise (clipped to ``randn_clip_value``).
+            return_chain: also return the latents the chain's steps read and write, ``(B, K'+1, Ta, Da)``
+                (all ``N + 1`` when the model is not fine-tunable). They are the **raw** latents: only the
+                returned actions are clamped, so ``chain[:, -1]`` may leave [-1, 1] and its density is exact.
+            use_base_network: sample the frozen pretrained policy (every step on ``network``).
+            cond: :meth:`encode`'s output for ``obs`` (skips encoding; a bare tensor only while the encoder
+                has no fine-tuned copy).
+            num_samples: ``N`` candidates per observation; rows are ordered by observation (observation
+                ``i``'s candidates are rows ``i*N .. i*N+N-1``), each observation is encoded once and all
+                candidates run batched.
+            return_log_prob: also return ``log_prob (B, K', Ta, Da)``: per element
+                ``log N(chain[:, k+1]; mean_k, max(std_k, min_logprob_denoising_std))`` from the same means the
+                sampler used (equal to :meth:`chain_log_prob` of the chain up to float rounding); stochastic
+                sampling only.
+
+        Returns:
+            ``(actions, chain)`` with ``chain`` None unless ``return_chain``; with ``return_log_prob``,
+            ``(actions, chain, log_prob)``.
         """
-        uses_base = use_base_network or self.ft_network is None or self.ft_denoising_steps < self.num_sampling_steps
-        cond = self.encode(obs, base=uses_base, ft=not use_base_network)
-        ref = cond.base if cond.base is not None else cond.ft
-        b = ref.shape[0]
-        shape = (b, self.horizon_steps, self.action_dim)
-        x = _randn(shape, generator, ref.device, ref.dtype)
+        if return_log_prob and deterministic:
+            raise DpftError(
+                "sample(return_log_prob=True) needs deterministic=False: log-probs are those of the stochastic "
+                "sampler (deterministic DDIM has other means, deterministic steps have no density)."
+            )
+        num_samples = int(num_samples)
+        if num_samples < 1:
+            raise DpftError("num_samples must be >= 1, got {}.".format(num_samples))
         n = self.num_sampling_steps
+        use_ft = self.ft_network is not None and not use_base_network
+        first_ft = n - self.ft_denoising_steps if use_ft else n
+        if cond is None:
+            if obs is None:
+                raise DpftError("sample() needs obs or cond.")
+            cond = self.encode(obs, base=first_ft > 0, ft=use_ft)
+        c_base = self._cond_for(cond, False) if first_ft > 0 else None
+        c_ft = self._cond_for(cond, True) if use_ft else None
+        if num_samples > 1:
+            c_base = None if c_base is None else c_base.repeat_interleave(num_samples, dim=0)
+            c_ft = None if c_ft is None else c_ft.repeat_interleave(num_samples, dim=0)
+        ref = c_base if c_base is not None else c_ft
+        b, device, dtype = ref.shape[0], ref.device, ref.dtype
+        shape = (b, self.horizon_steps, self.action_dim)
+        plan = self._sampling_plan(deterministic)
+        timesteps = self.schedule.timesteps.unsqueeze(1).expand(n, b).unbind(0)
         keep_from = n - self.chain_steps  # first stored latent index (latent i is the input of step i)
-        chain = [x] if (return_chain and keep_from == 0) else []
+        clip = self.denoised_clip_value
+        rclip = self.randn_clip_value
+        ddim = self.use_ddim
+        chain = []  # type: List[torch.Tensor]
+        diffs = []  # type: List[torch.Tensor]
+        x = _randn(shape, generator, device, dtype)
+        if return_chain and keep_from == 0:
+            chain.append(x)
         for i in range(n):
-            mean, std = self.step_distribution(x, i, cond, deterministic, use_base_network)
-            if deterministic and (self.use_ddim or i == n - 1):
-                x = mean
+            p = plan[i]
+            if i >= first_ft:
+                eps = self.ft_network(x, timesteps[i], c_ft)
             else:
-                noise = _randn(shape, generator, ref.device, ref.dtype).clamp_(
-                    -self.randn_clip_value, self.randn_clip_value
-                )
-                x = mean + std * noise
-            if i == n - 1:
-                x = x.clamp(-self.final_action_clip_value, self.final_action_clip_value)
+                eps = self.network(x, timesteps[i], c_base)
+            x0 = (x - p.sx * eps) / p.sa
+            if clip is not None:
+                x0 = x0.clamp(-clip, clip)
+            if ddim:
+                if clip is not None:
+                    eps = (x - p.sa * x0) / p.sx
+                mean = p.m0 * x0 + p.m1 * eps
+            else:
+                mean = p.m0 * x0 + p.m1 * x
+            if p.draw:
+                noise = _randn(shape, generator, device, dtype).clamp_(-rclip, rclip)
+                x = mean + p.std * noise
+            else:
+                x = mean
             if return_chain and i + 1 >= keep_from:
                 chain.append(x)
-        return x, (torch.stack(chain, dim=1) if return_chain else None)
+            if return_log_prob and i >= keep_from:
+                diffs.append(x - mean)
+        actions = x.clamp(-self.final_action_clip_value, self.final_action_clip_value)
+        chain_out = torch.stack(chain, dim=1) if return_chain else None
+        if not return_log_prob:
+            return actions, chain_out
+        lp_std = torch.tensor([p.lp_std for p in plan[keep_from:]], device=device, dtype=dtype)
+        log_prob = _normal_log_prob(torch.stack(diffs, dim=1), lp_std.reshape(1, -1, 1, 1))
+        return actions, chain_out, log_prob
 
     # ------------------------------------------------------------------ log-probabilities
     def _logprob_std(self, std: torch.Tensor) -> torch.Tensor:
@@ -387,9 +554,10 @@ class DiffusionModel(nn.Module):
     ) -> torch.Tensor:
         """Per-element ``log N(chain[:, k+1]; mean(chain[:, k]), max(std, min_logprob_denoising_std))``.
 
-        ``chain``: ``(B, K'+1, Ta, Da)`` from :meth:`sample`; returns ``(B, K', Ta, Da)`` for the chain's steps
-        (the fine-tuned ones once :meth:`make_finetunable` ran), with gradients into ``ft_network``. The
-        DDIM std uses ``ddim_eta`` (the stochastic sampler's). Pass ``cond`` to skip encoding ``obs``.
+        ``chain``: ``(B, K'+1, Ta, Da)`` from :meth:`sample` (raw latents); returns ``(B, K', Ta, Da)`` for the
+        chain's steps (the fine-tuned ones once :meth:`make_finetunable` ran), with gradients into
+        ``ft_network``. The DDIM std uses ``ddim_eta`` (the stochastic sampler's). Pass ``cond`` to skip
+        encoding ``obs``.
         """
         kp = self.chain_steps
         want = (kp + 1, self.horizon_steps, self.action_dim)
@@ -406,12 +574,13 @@ class DiffusionModel(nn.Module):
             cond = self.encode(obs, base=not use_ft, ft=use_ft)
         b = chain.shape[0]
         c = self._cond_for(cond, use_ft).repeat_interleave(kp, dim=0)  # (B*K', cond_dim)
+        c = Cond(None, c) if (use_ft and self.ft_obs_encoder is not None) else Cond(c, None)
         x_prev = chain[:, :-1].reshape(b * kp, self.horizon_steps, self.action_dim)
         x_next = chain[:, 1:].reshape(b * kp, self.horizon_steps, self.action_dim)
         n = self.num_sampling_steps
         steps = torch.arange(n - kp, n, device=chain.device).repeat(b)  # (B*K',)
         mean, std = self._raw_step(x_prev, steps, c, self.ddim_eta, use_ft=use_ft)
-        log_prob = Normal(mean, self._logprob_std(std), validate_args=False).log_prob(x_next)
+        log_prob = _normal_log_prob(x_next - mean, self._logprob_std(std))
         return log_prob.reshape(b, kp, self.horizon_steps, self.action_dim)
 
     def step_log_prob(
@@ -435,5 +604,28 @@ class DiffusionModel(nn.Module):
             ))
         use_ft = self.ft_network is not None
         steps = idx + (self.num_sampling_steps - kp)
-        mean, std = self._raw_step(x_k, steps, self._cond_for(cond, use_ft), self.ddim_eta, use_ft=use_ft)
-        return Normal(mean, self._logprob_std(std), validate_args=False).log_prob(x_next)
+        mean, std = self._raw_step(x_k, steps, cond, self.ddim_eta, use_ft=use_ft)
+        return _normal_log_prob(x_next - mean, self._logprob_std(std))
+
+
+_HALF_LOG_2PI = math.log(math.sqrt(2 * math.pi))
+
+
+def _normal_log_prob(diff: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``log N(value; loc, std)`` from ``diff = value - loc``, the formula of ``torch.distributions.Normal``
+    (same operations, so the same numbers) without building a distribution object."""
+    return -(diff**2) / (2 * std**2) - std.log() - _HALF_LOG_2PI
+
+
+class _StepPlan(NamedTuple):
+    """One sampling step as Python floats: ``x0 = (x - sx * eps) / sa``; DDPM ``mean = m0 * x0 + m1 * x``,
+    DDIM ``mean = m0 * x0 + m1 * eps``; ``x' = mean + std * z`` when ``draw`` (else ``x' = mean``); ``lp_std``
+    is the log-prob std (floored at ``min_logprob_denoising_std``)."""
+
+    sx: float
+    sa: float
+    m0: float
+    m1: float
+    std: float
+    draw: bool
+    lp_std: float

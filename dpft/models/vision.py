@@ -16,18 +16,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from dpft.errors import DpftError
+from dpft.models.rand import randint as _randint
 
 
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``(..., H, W, C)`` -> float32 ``(..., C, H, W)`` in ``[-1, 1]`` (``x / 127.5 - 1``)."""
     x = images.to(torch.float32) / 127.5 - 1.0
     return x.movedim(-1, -3)
-
-
-def _randint(high: int, size: Sequence[int], generator: Optional[torch.Generator], device) -> torch.Tensor:
-    """Integers in ``[0, high)`` drawn on the generator's device (so a CPU generator drives a GPU model)."""
-    gen_device = generator.device if generator is not None else device
-    return torch.randint(0, high, tuple(size), generator=generator, device=gen_device).to(device)
 
 
 class RandomShiftsAug(nn.Module):
