@@ -167,6 +167,8 @@ def test_gradient_ema_state_dict_round_trip_exact_and_checks():
         b.update(g)
     _same_state(a.state_dict(), b.state_dict())
     assert torch.equal(a.noise_var(), b.noise_var())
+    a.update(torch.ones(11, dtype=DT))  # a float64 gradient joins the float32 mean in its dtype
+    assert a.mean.dtype == torch.float32 and a.count == 10
     empty = I.GradientEMA(0.9)
     fresh = I.GradientEMA(0.9)
     fresh.load_state_dict(empty.state_dict())

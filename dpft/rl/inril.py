@@ -201,6 +201,8 @@ class GradientEMA:
             raise DpftError("GradientEMA.update: gradient of size {} after gradients of size {}; the parameter "
                             "set must stay the same.".format(g.numel(), self.mean.numel()))
         g = g.detach()
+        if self.mean is not None:
+            g = g.to(device=self.mean.device, dtype=self.mean.dtype)
         self.count += 1
         a = (1.0 - self.beta) / (1.0 - self.beta ** self.count)
         g_sq = torch.linalg.vector_norm(g, dtype=torch.float64) ** 2
@@ -208,7 +210,7 @@ class GradientEMA:
             self.mean = g.clone()
             self.sq_norm = g_sq
         else:
-            self.mean.lerp_(g.to(self.mean.dtype), a)
+            self.mean.lerp_(g, a)
             self.sq_norm = (1.0 - a) * self.sq_norm + a * g_sq
         self.weight_sq = (1.0 - a) ** 2 * self.weight_sq + a * a
 
