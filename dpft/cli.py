@@ -118,18 +118,33 @@ def cmd_pretrain(args: List[str]) -> int:
     return 0
 
 
+def _pop_option(args: List[str], key: str):
+    """``(value, other args)`` for ``key=value`` among ``args`` (None when absent; the last one wins). Used for an
+    option whose name is also a config group of another command (Hydra would read ``policy=`` as cfg/policy/)."""
+    value, rest = None, []
+    for a in args:
+        name, sep, val = a.partition("=")
+        if sep and name.lstrip("+") == key:
+            value = val
+        else:
+            rest.append(a)
+    return value, rest
+
+
 def cmd_demos(args: List[str]) -> int:
+    policy, args = _pop_option(args, "policy")  # `policy` is cfg/policy/ (pretraining) to Hydra
     cfg = _compose_or_help("demos", args)
     if cfg is None:
         return 0
-    if cfg.policy is not None:
+    if policy not in (None, "", "null"):
+        cfg.policy = policy
         return _record_policy_demos(cfg)
     from dpft.envs.demos import make_demos
 
     summary = make_demos(
         task=cfg.task or "lift", num=cfg.num, out=cfg.out, seed=cfg.seed, noise=cfg.noise, image_obs=cfg.image_obs,
         camera_size=cfg.camera_size, keep_failures=cfg.keep_failures, valid_ratio=cfg.valid_ratio,
-        progress=cfg.progress,
+        max_steps=cfg.max_episode_steps, progress=cfg.progress,
     )
     print(f"wrote {summary.get('kept')} demos ({summary.get('samples')} samples) to {cfg.out}; "
           f"expert success {summary.get('success_rate', float('nan')):.0%} over {summary.get('attempted')} attempts")

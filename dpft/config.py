@@ -178,7 +178,7 @@ class DemosConfig:
     envs: int = _f(1, "policy=: parallel environments")
     deterministic: bool = _f(True, "policy=: deterministic sampling (Gaussian mean, DDIM eta 0 / DDPM min std)")
     min_return: Optional[float] = _f(None, "policy=: drop episodes whose return is below this")
-    max_episode_steps: Optional[int] = _f(None, "policy=: episode limit (default: the task's)")
+    max_episode_steps: Optional[int] = _f(None, "episode limit (default: the task's)")
     weights: str = _f("ema", "policy=: ema | model weights of the checkpoint")
     device: str = _f("cpu", "policy=: cpu | cuda | auto (policy inference device)")
 

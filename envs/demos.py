@@ -201,19 +201,125 @@ def run_episode(env: Any, expert: Expert, seed: int, keys: Sequence[str], max_st
 
 
 def _write_demo(data_grp: Any, name: str, ep: Dict[str, Any]) -> int:
+    """Write one episode dict (see :func:`run_episode`) as the group ``data/<name>``; returns its length.
+
+    ``obs``, ``next_obs`` and ``actions`` are required; ``rewards``, ``dones`` and ``states`` are written when
+    present (and not None); the attributes ``model_file``, ``seed``, ``success`` when present, plus any of
+    ``ep["attrs"]``.
+    """
     grp = data_grp.create_group(name)
     n = int(ep["actions"].shape[0])
     grp.attrs["num_samples"] = n
-    grp.attrs["model_file"] = ep["model_file"]
-    grp.attrs["seed"] = int(ep["seed"])
-    grp.attrs["success"] = bool(ep["success"])
+    if ep.get("model_file") is not None:
+        grp.attrs["model_file"] = ep["model_file"]
+    if "seed" in ep:
+        grp.attrs["seed"] = int(ep["seed"])
+    if "success" in ep:
+        grp.attrs["success"] = bool(ep["success"])
+    for k, v in (ep.get("attrs") or {}).items():
+        grp.attrs[k] = v
     for part in ("obs", "next_obs"):
         g = grp.create_group(part)
         for k, v in ep[part].items():
             g.create_dataset(k, data=v)
     for k in ("actions", "rewards", "dones", "states"):
-        grp.create_dataset(k, data=ep[k])
+        if ep.get(k) is not None:
+            grp.create_dataset(k, data=ep[k])
     return n
+
+
+class DemoFileWriter:
+    """Write a robomimic HDF5 file atomically (the one writer of :func:`make_demos` and
+    :func:`dpft.envs.record.record_demos`).
+
+    Episodes are written into a temporary file in the destination directory as they come (so memory holds one
+    episode at a time), named ``demo_0, demo_1, ...`` in the order of their ``order`` key when the file is
+    finished; :meth:`finish` writes ``data.attrs["total"]``, ``data.attrs["env_args"]`` (JSON) and the seeded
+    ``mask/train`` / ``mask/valid`` split. Leaving the ``with`` block after :meth:`finish` renames the file to
+    its final name (``os.replace``); leaving it without :meth:`finish` or by an exception deletes it, so an
+    interrupted run never leaves a truncated file under the final name.
+
+    Example::
+
+        with DemoFileWriter("data/x.hdf5", "record_demos") as w:
+            w.add(episode, order=3)
+            split = w.finish(env_args, valid_ratio=0.1, seed=0)
+    """
+
+    def __init__(self, out: Any, caller: str = "make_demos"):
+        out = os.path.abspath(os.fspath(out))
+        if os.path.isdir(out):
+            raise DpftError("{}: out={!r} is a directory; expected an .hdf5 file path.".format(caller, out))
+        self.path = out
+        self.caller = caller
+        self.samples = 0
+        self._orders = []  # type: List[Any]
+        self._file = None  # type: Any
+        self._tmp = None  # type: Optional[str]
+        self._finished = False
+
+    def __enter__(self) -> "DemoFileWriter":
+        import h5py
+
+        out_dir = os.path.dirname(self.path)
+        os.makedirs(out_dir, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".tmp", dir=out_dir)
+        os.close(fd)
+        try:
+            self._file = h5py.File(self._tmp, "w")
+            self._data = self._file.create_group("data")
+        except BaseException:
+            self._discard()
+            raise
+        return self
+
+    @property
+    def num_demos(self) -> int:
+        return len(self._orders)
+
+    def add(self, ep: Dict[str, Any], order: Any = None) -> int:
+        """Write one episode (``order``: sort key of its final name, default: the number added so far);
+        returns its number of samples."""
+        order = len(self._orders) if order is None else order
+        if order in self._orders:
+            raise ValueError("DemoFileWriter.add: order {!r} was used already".format(order))
+        n = _write_demo(self._data, "_pending_{}".format(len(self._orders)), ep)
+        self._orders.append(order)
+        self.samples += n
+        return n
+
+    def finish(self, env_args: Dict[str, Any], valid_ratio: float, seed: int) -> Dict[str, List[str]]:
+        """Name the demos, write ``total``, ``env_args`` and the train/valid masks; returns the split."""
+        ranked = sorted(range(len(self._orders)), key=lambda j: self._orders[j])
+        names = []  # type: List[str]
+        for i, j in enumerate(ranked):
+            name = "demo_{}".format(i)
+            self._data.move("_pending_{}".format(j), name)
+            names.append(name)
+        self._data.attrs["total"] = int(self.samples)
+        self._data.attrs["env_args"] = json.dumps(env_args)
+        split = split_train_valid(names, float(valid_ratio), int(seed))
+        for key, members in split.items():
+            self._file.create_dataset("mask/" + key, data=np.array(members, dtype="S"))
+        self._finished = True
+        return split
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            finally:
+                self._file = None
+        if self._tmp is not None and os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None or not self._finished:
+            self._discard()
+            return
+        self._file.close()
+        self._file = None
+        os.replace(self._tmp, self.path)
 
 
 def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0, image_obs: bool = False,
@@ -244,8 +350,6 @@ def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0,
         DpftError: unknown task or bad argument, or fewer than ``num`` successes in ``3 * num`` attempts.
     """
     _check_args(task, num, noise, valid_ratio, max_steps, seed)
-    import h5py
-
     from dpft.envs.robosuite_env import RobosuiteEnv, default_env_args
 
     num, seed, noise = int(num), int(seed), float(noise)
@@ -253,11 +357,7 @@ def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0,
         camera_names = [camera_names]
     camera_names = list(camera_names)
     env_args = default_env_args(task, image_obs=image_obs, camera_names=camera_names, camera_size=camera_size)
-    out = os.path.abspath(os.fspath(out))
-    out_dir = os.path.dirname(out)
-    if os.path.isdir(out):
-        raise DpftError("make_demos: out={!r} is a directory; expected an .hdf5 file path.".format(out))
-    os.makedirs(out_dir, exist_ok=True)
+    writer = DemoFileWriter(out, "make_demos")  # checks the path before the simulator starts
 
     # the episodes run without camera observables (robosuite would render every step, before the kinematics are
     # refreshed); images are rendered from the refreshed state by observe()
@@ -280,14 +380,10 @@ def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0,
         from tqdm import tqdm
 
         bar = tqdm(total=num, desc="{} demos".format(task), unit="demo")
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=out_dir)
-    os.close(fd)
     t0 = time.time()
     attempted = kept = successes = samples = 0
     try:
-        with h5py.File(tmp, "w") as f:
-            data = f.create_group("data")
-            names = []  # type: List[str]
+        with writer:
             while kept < num and attempted < max_attempts:
                 ep = run_episode(env, expert, seed + attempted, keys, horizon, camera_size=int(camera_size))
                 attempted += 1
@@ -296,9 +392,7 @@ def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0,
                     bar.set_postfix(attempts=attempted, success="{:.0%}".format(successes / attempted),
                                     refresh=False)
                 if ep["success"] or keep_failures:
-                    name = "demo_{}".format(kept)
-                    samples += _write_demo(data, name, ep)
-                    names.append(name)
+                    samples += writer.add(ep)
                     kept += 1
                     if bar is not None:
                         bar.update(1)
@@ -311,23 +405,14 @@ def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0,
                     "keep_failures=True.".format(task, successes, attempted, successes / max(attempted, 1), noise,
                                                  num, horizon)
                 )
-            data.attrs["total"] = int(samples)
-            data.attrs["env_args"] = json.dumps(env_args)
-            split = split_train_valid(names, float(valid_ratio), seed)
-            for key, members in split.items():
-                f.create_dataset("mask/" + key, data=np.array(members, dtype="S"))
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+            split = writer.finish(env_args, float(valid_ratio), seed)
     finally:
         if bar is not None:
             bar.close()
         env.close()
     seconds = time.time() - t0
     return {
-        "path": out,
+        "path": writer.path,
         "task": task,
         "attempted": attempted,
         "kept": kept,
