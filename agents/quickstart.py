@@ -2,15 +2,22 @@
 
 The whole pipeline on the built-in default data, sized to finish in a few minutes on 2 CPU cores. Each
 stage is the library call a user would make from Python, and each is skipped when its output is already
-complete, so re-running resumes instead of starting over:
+complete for the same inputs, so re-running resumes instead of starting over:
 
 1. :func:`dpft.envs.demos.make_demos` writes ``OUT/lift_demos.hdf5`` (scripted robosuite expert);
 2. :func:`dpft.agents.pretrain.pretrain` trains a DDPM MLP diffusion policy into ``OUT/run`` (resumes a killed run);
 3. :func:`dpft.envs.rollout.rollout_checkpoint` rolls the EMA weights out in Lift and writes ``OUT/rollout``
    (``result.json`` and MP4 videos).
+
+``OUT`` is a run directory (:mod:`dpft.rundir`, kind ``quickstart``: locked while it runs, a foreign directory is
+refused) and ``OUT/stages.json`` records each stage's inputs. A stage is skipped only when it completed with the
+same inputs (its options and the checksum of the previous stage's output): a changed ``demos=`` regenerates the
+demonstrations, retrains and re-evaluates; a changed ``episodes=`` only re-evaluates (the old rollout folder,
+videos included, is removed first); a killed pretraining with unchanged inputs resumes.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Dict, List
 
@@ -43,7 +50,8 @@ Options (default):
   seed=0                seed for demos, training and evaluation
   device=auto           cpu | cuda | auto
 
-Stages whose output is already complete are skipped, so re-running continues a killed quickstart."""
+A stage is skipped when it completed with the same inputs (OUT/stages.json records them); a changed
+option re-runs that stage and every stage after it, and re-running continues a killed quickstart."""
 
 # The pretraining recipe of the quickstart (a small DPPO-style MLP diffusion policy on Lift low-dim obs).
 PRETRAIN_OVERRIDES: List[str] = [
@@ -78,55 +86,165 @@ def parse_quickstart_args(args: List[str]) -> Dict[str, Any]:
     return kwargs
 
 
+STAGES_FILE = "stages.json"
+#: what OUT holds (a quickstart directory written before run.json existed is recognized by these names)
+QUICKSTART_ENTRIES = frozenset(["lift_demos.hdf5", "run", "rollout", STAGES_FILE, "run.json", ".dpft.lock"])
+
+
 def _complete_checkpoint_step(run_dir: str) -> int:
     from dpft.checkpoint import find_latest, read_json
 
-    latest = find_latest(run_dir)
+    latest = find_latest(run_dir) if os.path.isdir(run_dir) else None
     if latest is None:
         return -1
     return int(read_json(os.path.join(latest, "meta.json")).get("step", -1))
+
+
+class _Stages:
+    """``OUT/stages.json``: per stage, the inputs it ran with and whether it completed. A stage is finished
+    when its record has the same inputs, is complete and its output exists; inputs include the upstream
+    outputs' checksums, so a changed stage re-runs everything after it."""
+
+    def __init__(self, out: str):
+        from dpft.checkpoint import read_json
+
+        self.path = os.path.join(out, STAGES_FILE)
+        self.records = {}  # type: Dict[str, Any]
+        if os.path.isfile(self.path):
+            try:
+                loaded = read_json(self.path)
+            except DpftError:
+                loaded = {}  # a damaged record only means: re-run
+            self.records = loaded if isinstance(loaded, dict) else {}
+
+    def finished(self, name: str, inputs: Dict[str, Any]) -> bool:
+        rec = self.records.get(name) or {}
+        return rec.get("inputs") == inputs and bool(rec.get("complete"))
+
+    def same_inputs(self, name: str, inputs: Dict[str, Any]) -> bool:
+        return (self.records.get(name) or {}).get("inputs") == inputs
+
+    def why(self, name: str, inputs: Dict[str, Any]) -> str:
+        rec = self.records.get(name)
+        if not rec:
+            return "no record of its inputs"
+        old = rec.get("inputs") or {}
+        changed = sorted(k for k in set(old) | set(inputs) if old.get(k) != inputs.get(k))
+        if changed:
+            return "changed: " + ", ".join(changed)
+        return "it did not complete"
+
+    def mark(self, name: str, inputs: Dict[str, Any], complete: bool) -> None:
+        from dpft.checkpoint import write_text_atomic
+
+        self.records[name] = {"inputs": inputs, "complete": bool(complete)}
+        write_text_atomic(self.path, json.dumps(self.records, indent=1, sort_keys=True) + "\n")
+
+
+def _file_sha256(path: str) -> str:
+    from dpft.checkpoint import sha256_file
+
+    return sha256_file(path)
+
+
+def _checkpoint_id(run: str) -> Dict[str, Any]:
+    """The newest checkpoint of the run and the checksum of the weights a rollout uses (EMA)."""
+    from dpft.checkpoint import find_latest, read_json
+
+    latest = find_latest(run)
+    if latest is None:
+        return {}
+    meta = read_json(os.path.join(latest, "meta.json"))
+    sums = meta.get("checksums") or {}
+    return {"checkpoint": os.path.basename(latest), "weights_sha256": sums.get("ema.safetensors")
+            or sums.get("model.safetensors") or _file_sha256(os.path.join(latest, "model.safetensors"))}
 
 
 def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise: float = DEFAULTS["noise"],
                steps: int = DEFAULTS["steps"], episodes: int = DEFAULTS["episodes"], envs: int = DEFAULTS["envs"],
                videos: int = DEFAULTS["videos"], seed: int = DEFAULTS["seed"],
                device: str = DEFAULTS["device"]) -> Dict[str, Any]:
-    """Run the three stages and return the rollout result (a dict, also in ``OUT/rollout/result.json``)."""
+    """Run the three stages and return the rollout result (a dict, also in ``OUT/rollout/result.json``).
+
+    A stage whose inputs (options, and the checksum of the previous stage's output) match the record in
+    ``OUT/stages.json`` and that completed is skipped; a killed pretraining with the same inputs resumes; any
+    other stage is re-run from scratch, and so is every stage after it. ``envs`` and ``device`` change speed,
+    not results, so they are not inputs.
+    """
+    import shutil
     import time
 
     from dpft.agents.pretrain import pretrain
     from dpft.config import compose
     from dpft.envs.demos import make_demos
-    from dpft.envs.rollout import rollout_checkpoint
+    from dpft.envs.rollout import DEFAULT_ROLLOUT_SEED, RESULT_NAME, rollout_checkpoint
+    from dpft.rundir import open_run_dir
 
     t0 = time.time()
-    os.makedirs(out, exist_ok=True)
-    data = os.path.join(out, "lift_demos.hdf5")
-    run = os.path.join(out, "run")
-    if os.path.exists(data):
-        print(f"[1/3] demonstrations: reusing {data}")
-    else:
-        print(f"[1/3] demonstrations: {demos} scripted Lift demos -> {data}")
-        make_demos(task="lift", num=demos, out=data, seed=seed, noise=noise)
-    done_step = _complete_checkpoint_step(run) if os.path.isdir(run) else -1
-    if done_step >= steps:
-        print(f"[2/3] pretraining: reusing {run} (step {done_step})")
-    else:
-        overrides = PRETRAIN_OVERRIDES + [f"dataset={data}", f"out={run}", f"steps={steps}", f"seed={seed}",
-                                          f"device={device}", f"save_every={max(steps // 3, 1)}"]
-        if done_step >= 0:
-            overrides.append("resume=true")
-        print(f"[2/3] pretraining: {steps} steps -> {run}")
-        pretrain(compose("pretrain", overrides))
-    print(f"[3/3] rollout: {episodes} Lift episodes with the EMA weights")
-    rollout_dir = os.path.join(out, "rollout")
-    result = rollout_checkpoint(run, episodes=episodes, num_envs=envs or None, seed=100000 + seed, video=videos,
-                                out_dir=rollout_dir, weights="ema", device="cpu",
-                                env_options={"terminate_on_success": True})
+    run_dir = open_run_dir(out, "quickstart", resume=False, known_entries=QUICKSTART_ENTRIES)
+    try:
+        out = run_dir.path
+        stages = _Stages(out)
+        data = os.path.join(out, "lift_demos.hdf5")
+        run = os.path.join(out, "run")
+        rollout_dir = os.path.join(out, "rollout")
+
+        demo_inputs = {"task": "lift", "num": demos, "noise": noise, "seed": seed}  # type: Dict[str, Any]
+        if stages.finished("demos", demo_inputs) and os.path.isfile(data):
+            print(f"[1/3] demonstrations: reusing {data}")
+        else:
+            reason = stages.why("demos", demo_inputs) if os.path.exists(data) else ""
+            print(f"[1/3] demonstrations: {demos} scripted Lift demos -> {data}" + (f" (re-run: {reason})" if reason else ""))
+            stages.mark("demos", demo_inputs, complete=False)
+            make_demos(task="lift", num=demos, out=data, seed=seed, noise=noise)
+            stages.mark("demos", demo_inputs, complete=True)
+
+        train_inputs = {"recipe": list(PRETRAIN_OVERRIDES), "steps": steps, "seed": seed,
+                        "demos_sha256": _file_sha256(data)}  # type: Dict[str, Any]
+        done_step = _complete_checkpoint_step(run)
+        if stages.finished("pretrain", train_inputs) and done_step >= steps:
+            print(f"[2/3] pretraining: reusing {run} (step {done_step})")
+        else:
+            overrides = PRETRAIN_OVERRIDES + [f"dataset={data}", f"out={run}", f"steps={steps}", f"seed={seed}",
+                                              f"device={device}", f"save_every={max(steps // 3, 1)}"]
+            if os.path.isdir(run) and stages.same_inputs("pretrain", train_inputs):
+                overrides.append("resume=true")  # a killed run with the same inputs continues
+                print(f"[2/3] pretraining: resuming {run} at step {max(done_step, 0)} of {steps}")
+            else:
+                if os.path.isdir(run):
+                    overrides.append("overwrite=true")  # quickstart's own run, made from other inputs
+                    print(f"[2/3] pretraining: {steps} steps -> {run} (re-run: {stages.why('pretrain', train_inputs)})")
+                else:
+                    print(f"[2/3] pretraining: {steps} steps -> {run}")
+            stages.mark("pretrain", train_inputs, complete=False)
+            pretrain(compose("pretrain", overrides))
+            stages.mark("pretrain", train_inputs, complete=True)
+
+        eval_inputs = dict(_checkpoint_id(run), pretrain=train_inputs, episodes=episodes, videos=videos,
+                           seed=DEFAULT_ROLLOUT_SEED + seed, weights="ema",
+                           terminate_on_success=True)  # type: Dict[str, Any]
+        result_path = os.path.join(rollout_dir, RESULT_NAME)
+        if stages.finished("rollout", eval_inputs) and os.path.isfile(result_path):
+            from dpft.checkpoint import read_json
+
+            print(f"[3/3] rollout: reusing {result_path}")
+            result = read_json(result_path)
+        else:
+            reason = stages.why("rollout", eval_inputs) if os.path.exists(rollout_dir) else ""
+            print(f"[3/3] rollout: {episodes} Lift episodes with the EMA weights" + (f" (re-run: {reason})" if reason else ""))
+            stages.mark("rollout", eval_inputs, complete=False)
+            if os.path.isdir(rollout_dir):
+                shutil.rmtree(rollout_dir)  # no result or video of an earlier rollout stays beside the new one
+            result = rollout_checkpoint(run, episodes=episodes, num_envs=envs or None, seed=DEFAULT_ROLLOUT_SEED + seed,
+                                        video=videos, out_dir=rollout_dir, weights="ema", device="cpu",
+                                        env_options={"terminate_on_success": True})
+            stages.mark("rollout", eval_inputs, complete=True)
+    finally:
+        run_dir.close()
     video_paths = [os.path.abspath(os.path.join(rollout_dir, ep["video"]))
                    for ep in result.get("episodes", []) if ep.get("video")]
     print(f"quickstart done in {time.time() - t0:.0f} s: Lift success rate {result['success_rate']:.0%} "
-          f"over {episodes} episodes")
+          f"over {result.get('num_episodes', episodes)} episodes")
     for path in video_paths:
         print(f"video: {path}")
     return result

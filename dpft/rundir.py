@@ -124,6 +124,23 @@ class RunDir:
         return "RunDir(%r, kind=%r, existed=%r)" % (self.path, self.kind, self.existed)
 
 
+def check_writable_dir(path: Any, option: str) -> str:
+    """Create directory ``path`` if needed and check a file can be written in it (DpftError naming ``option``
+    and the OS reason otherwise: a file in the way, a read-only or virtual file system). Returns the path."""
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DpftError("%s='%s' is a file; it must name a directory (created if missing)." % (option, path))
+    _create_dir(path, option)
+    probe = os.path.join(path, ".dpft-write-test-%d" % os.getpid())
+    try:
+        with open(probe, "w") as f:
+            f.write("x")
+        os.remove(probe)
+    except OSError as e:
+        raise DpftError("%s='%s' is not writable: %s. Choose a writable location." % (option, path, _os_reason(e))) from None
+    return path
+
+
 def _create_dir(path: str, option: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
@@ -131,8 +148,8 @@ def _create_dir(path: str, option: str) -> None:
         hint = ""
         if e.errno in (errno.ENOTDIR, errno.EEXIST):
             hint = " (a part of the path is a file)"
-        raise DpftError("%s='%s' cannot be created: %s%s. Choose a writable location for the run directory."
-                        % (option, path, _os_reason(e), hint)) from None
+        raise DpftError("%s='%s' cannot be created: %s%s. Choose a writable location." % (
+            option, path, _os_reason(e), hint)) from None
 
 
 def _lock(path: str, option: str) -> Optional[int]:
@@ -278,4 +295,4 @@ def open_run_dir(path: Any, kind: str, resume: bool, overwrite: bool = False, op
         raise
 
 
-__all__ = ["RunDir", "open_run_dir", "read_run_info", "is_run_dir", "RUN_MARKER", "LOCK_FILE", "RUN_ENTRIES"]
+__all__ = ["RunDir", "open_run_dir", "check_writable_dir", "read_run_info", "is_run_dir", "RUN_MARKER", "LOCK_FILE", "RUN_ENTRIES"]

@@ -32,11 +32,20 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from dpft.config import RolloutConfig
 from dpft.errors import DpftError
 from dpft.envs.base import BatchedEnv, Env, ObsDict
 from dpft.envs.vector import VectorEnv
 
 RESULT_NAME = "result.json"
+VIDEO_DIR = "videos"
+
+# One set of defaults for `dpft rollout`, rollout_checkpoint() and rollout(): the CLI's schema.
+_DEFAULTS = RolloutConfig()
+#: seed of the first evaluation episode: far from the demo seeds (``dpft demos`` uses ``seed + i`` from 0)
+DEFAULT_ROLLOUT_SEED = int(_DEFAULTS.seed)
+DEFAULT_EPISODES = int(_DEFAULTS.episodes)
+DEFAULT_TERMINATE_ON_SUCCESS = bool(_DEFAULTS.terminate_on_success)
 
 
 def _meta_get(meta: Any, name: str, default: Any = None) -> Any:
@@ -357,7 +366,7 @@ def rollout(
     policy: Any,
     env: Union[BatchedEnv, Sequence[Callable[[], Env]]],
     episodes: int,
-    seed: int = 0,
+    seed: int = DEFAULT_ROLLOUT_SEED,
     video: Union[int, bool] = False,
     out_dir: Optional[str] = None,
     deterministic: bool = True,
@@ -414,11 +423,8 @@ def rollout(
                         "(dpft.load_policy returns such an object); got %r." % (policy,))
     result_path = None
     if out_dir is not None:
-        out_dir = os.fspath(out_dir)
-        os.makedirs(out_dir, exist_ok=True)
+        out_dir = prepare_out_dir(out_dir, n_video)
         result_path = os.path.join(out_dir, RESULT_NAME)
-        if os.path.exists(result_path):
-            os.remove(result_path)  # never leave a stale result that looks like this run's
 
     own_env = not isinstance(env, BatchedEnv)
     timer = _Timer()
@@ -461,6 +467,27 @@ def rollout(
             env.close()
 
 
+def prepare_out_dir(out_dir: Any, n_video: int = 0) -> str:
+    """Create ``out_dir`` (and ``out_dir/videos`` when videos are wanted), check both are writable before any
+    episode runs, and remove the files of an earlier rollout there (``result.json``, ``videos/episode_*.mp4``) so
+    a result never sits beside another run's videos. Returns the path."""
+    from dpft.rundir import check_writable_dir
+
+    out_dir = os.fspath(out_dir)
+    check_writable_dir(out_dir, "rollout out")
+    result_path = os.path.join(out_dir, RESULT_NAME)
+    if os.path.exists(result_path):
+        os.remove(result_path)  # never leave a stale result that looks like this run's
+    videos = os.path.join(out_dir, VIDEO_DIR)
+    if os.path.isdir(videos):
+        for name in os.listdir(videos):
+            if name.startswith("episode_") and name.endswith(".mp4"):
+                os.remove(os.path.join(videos, name))
+    if n_video:
+        check_writable_dir(videos, "rollout videos")
+    return out_dir
+
+
 def _policy_block(policy: Any, policy_info: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     if policy_info is not None:
         return copy.deepcopy(dict(policy_info))
@@ -491,11 +518,17 @@ _POLICY_FIELDS = ("policy", "policy_type", "step", "horizon_steps", "act_steps",
                   "ddim_steps", "ft_denoising_steps", "action_dim", "obs_keys", "dpft_version")
 
 
+def _env_options(env_options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    options = dict(env_options or {})
+    options.setdefault("terminate_on_success", DEFAULT_TERMINATE_ON_SUCCESS)  # as `dpft rollout` does
+    return options
+
+
 def rollout_checkpoint(
     checkpoint: Any,
-    episodes: int = 50,
+    episodes: int = DEFAULT_EPISODES,
     num_envs: Optional[int] = None,
-    seed: int = 0,
+    seed: int = DEFAULT_ROLLOUT_SEED,
     video: Union[int, bool] = 0,
     out_dir: Optional[str] = None,
     weights: str = "ema",
@@ -516,7 +549,10 @@ def rollout_checkpoint(
 
     robosuite (``type`` 1) envs run in worker processes and gymnasium (``type`` 2) envs in this process, each
     built by :class:`dpft.envs.registry.EnvFactory` with ``env_options`` (keyword arguments of
-    :func:`dpft.envs.registry.make_env`: ``max_episode_steps``, ``terminate_on_success``, ...). FurnitureBench
+    :func:`dpft.envs.registry.make_env`: ``max_episode_steps``, ``terminate_on_success`` (default True, as
+    ``dpft rollout``), ...). The defaults are those of ``dpft rollout`` (:class:`dpft.config.RolloutConfig`):
+    ``episodes=10``, ``seed=100000`` (away from the demo seeds 0, 1, ...), episodes end on success.
+    ``verify=False`` loads a checkpoint whose files fail their checksums (``--no-verify``). FurnitureBench
     (``type`` ``"furniture"``) is built with :func:`dpft.envs.furniture.make_furniture_env` on the GPU (``device``
     when it is a CUDA device, else ``"cuda"``) and run in waves; it cannot record videos.
 
@@ -533,6 +569,9 @@ def rollout_checkpoint(
 
     import_isaacgym_if_needed(path)  # Isaac Gym refuses to load after torch
     import dpft
+
+    if out_dir is not None:  # writable (videos/ too) before the policy is loaded and any episode runs
+        prepare_out_dir(out_dir, _num_videos(video, int(episodes)))
 
     from dpft.checkpoint import verification
 
@@ -573,7 +612,7 @@ def rollout_checkpoint(
         from dpft.envs.furniture import make_furniture_env
 
         fkw = dict(env_args.get("env_kwargs") or {})
-        options = dict(env_options or {})
+        options = _env_options(env_options)
         env = make_furniture_env(
             task=fkw.get("furniture", "one_leg"), randomness=fkw.get("randomness", "low"), num_envs=num_envs,
             act_steps=int(_meta_get(meta, "act_steps", 1)), cond_steps=int(_meta_get(meta, "cond_steps", 1)),
@@ -586,7 +625,7 @@ def rollout_checkpoint(
         from dpft.envs.registry import EnvFactory
 
         mode = env_mode_for(env_args)
-        options = dict(env_options or {})
+        options = _env_options(env_options)
         if n_video:
             options["render"] = True
         if mode == "process" and kind == "robosuite":
