@@ -42,16 +42,22 @@ def _pretrain(dataset, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def hopper_run(tmp_path_factory):
-    """A tiny Gaussian checkpoint for Hopper-v5 (chunks of 3 actions, 2 observations of history), trained for a
-    few steps on a synthetic Gym-shaped file (random obs/actions in Hopper's shapes, Hopper's env_args)."""
-    d = tmp_path_factory.mktemp("hopper")
+def hopper_data(tmp_path_factory):
+    """A synthetic Gym-shaped file: random obs/actions in Hopper's shapes, Hopper's env_args."""
+    d = tmp_path_factory.mktemp("hopper_data")
     rng = np.random.default_rng(0)
     demos = {"demo_%d" % i: {"obs": {"obs": rng.normal(size=(20, 11))}, "actions": rng.uniform(-0.8, 0.8, (20, 3))}
              for i in range(3)}
     write_demos_hdf5(str(d / "synth.hdf5"), demos, env_args=HOPPER)
-    return _pretrain(d / "synth.hdf5", d / "run", "policy=gaussian_mlp", "policy.mlp_dims=[16,16]", "obs_keys=[obs]",
-                     "horizon_steps=4", "act_steps=3", "cond_steps=2")
+    return str(d / "synth.hdf5")
+
+
+@pytest.fixture(scope="module")
+def hopper_run(hopper_data, tmp_path_factory):
+    """A tiny Gaussian checkpoint for Hopper-v5 (chunks of 3 actions, 2 observations of history), trained for a
+    few steps on the synthetic Gym-shaped file."""
+    return _pretrain(hopper_data, tmp_path_factory.mktemp("hopper") / "run", "policy=gaussian_mlp",
+                     "policy.mlp_dims=[16,16]", "obs_keys=[obs]", "horizon_steps=4", "act_steps=3", "cond_steps=2")
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +206,21 @@ def test_min_return_filter_keeps_episode_order_and_errors(recorded, policy, tmp_
     with pytest.raises(DpftError, match=r"only 0 of 3 episodes passed the filters .*min_return=1000000000.0"):
         record_demos(policy, num=1, out=bad, max_episode_steps=5, min_return=1e9, progress=False)
     assert not os.path.exists(bad) and os.listdir(tmp_path) == ["best.hdf5"]  # no temporary file left
+
+
+@pytest.mark.gym
+def test_diffusion_checkpoint_sampling_is_seeded(hopper_data, tmp_path):
+    """A diffusion checkpoint records too; stochastic sampling draws from a generator seeded with `seed`."""
+    run = _pretrain(hopper_data, tmp_path / "diff", "policy=diffusion_mlp", "policy.mlp_dims=[16,16,16]",
+                    "policy.denoising_steps=3", "obs_keys=[obs]", "horizon_steps=2", "act_steps=2")
+    acts = []
+    for i, det in enumerate((False, False, True)):
+        out = str(tmp_path / ("d%d.hdf5" % i))
+        s = record_demos(run, num=1, out=out, seed=2, max_episode_steps=6, deterministic=det, progress=False)
+        assert s["kept"] == 1 and s["policy"] == os.path.abspath(run)
+        acts.append(read(out)[0]["demo_0"]["actions"])
+    np.testing.assert_array_equal(acts[0], acts[1])  # same seed: same samples
+    assert not np.allclose(acts[0][0], acts[2][0])  # same first state, stochastic vs deterministic sampling
 
 
 class _Spy:
