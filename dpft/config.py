@@ -10,6 +10,7 @@ Python 3.8 beside Isaac Gym.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
@@ -17,6 +18,9 @@ from dpft.errors import DpftError
 
 ROBOMIMIC_LOW_DIM_KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
 POLICY_NAMES = ("diffusion_mlp", "diffusion_unet", "gaussian_mlp")
+# The one table of policy defaults is PolicyConfig below (dpft.models.build_policy_model reads it too); the only
+# default that depends on the policy name is the MLP width:
+DEFAULT_MLP_DIMS = {"diffusion_mlp": [512, 512, 512], "gaussian_mlp": [256, 256, 256]}
 
 
 def _f(default: Any = None, help: str = "", factory=None):
@@ -38,11 +42,12 @@ class PolicyConfig:
     ddim_eta: float = _f(1.0, "DDIM eta for stochastic sampling (1 = DDPM-like noise, as DPPO); deterministic uses 0")
     ft_denoising_steps: int = _f(0, "last K' sampling steps served by a trainable copy (RL fine-tuning; 0 = none)")
     min_sampling_denoising_std: float = _f(0.1, "floor on the per-step std when sampling stochastically")
-    min_logprob_denoising_std: float = _f(0.1, "floor on the per-step std in log-probabilities (RL)")
+    min_logprob_denoising_std: float = _f(0.1, "floor on the per-step std in log-probabilities (RL; > 0)")
     randn_clip_value: float = _f(10.0, "clip on the Gaussian noise drawn while sampling")
-    denoised_clip_value: float = _f(1.0, "clip on the predicted x0")
+    denoised_clip_value: Optional[float] = _f(1.0, "clip on the predicted x0 (null = no clip)")
     # MLP denoiser / Gaussian MLP
-    mlp_dims: List[int] = _f(help="hidden layer widths of the MLP", factory=lambda: [512, 512, 512])
+    mlp_dims: Optional[List[int]] = _f(None, "hidden layer widths of the MLP (null = [512,512,512] for diffusion_mlp, "
+                                             "[256,256,256] for gaussian_mlp)")
     residual_style: bool = _f(True, "residual MLP blocks (DPPO style)")
     layer_norm: bool = _f(False, "LayerNorm in the MLP blocks")
     activation: str = _f("mish", "mish | relu | gelu | elu | silu")
@@ -126,6 +131,7 @@ class PretrainConfig:
     progress: bool = _f(True, "show a progress bar")
 
     def validate(self) -> None:
+        check_ranges(self)  # every numeric setting, with its name (RANGES below)
         if not self.dataset:
             raise DpftError("dataset=FILE.hdf5 is required: the robomimic-format HDF5 file to train on.")
         if not self.out:
@@ -183,6 +189,7 @@ class DemosConfig:
     device: str = _f("cpu", "policy=: cpu | cuda | auto (policy inference device)")
 
     def validate(self) -> None:
+        check_ranges(self)  # every numeric setting, with its name (RANGES below)
         if not self.out:
             raise DpftError("out=FILE.hdf5 is required: where to write the demonstrations.")
         if self.envs < 1:
@@ -215,6 +222,7 @@ class RolloutConfig:
     progress: bool = _f(True, "show a progress bar")
 
     def validate(self) -> None:
+        check_ranges(self)  # every numeric setting, with its name (RANGES below)
         if not self.checkpoint:
             raise DpftError("checkpoint=RUN_DIR is required: a run directory or checkpoint directory to roll out.")
         if self.episodes < 1:
@@ -251,8 +259,8 @@ def compose(command: str, overrides: Optional[List[str]] = None, schema: Optiona
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = list(overrides or [])
     schema = schema or SCHEMAS[command]
+    overrides = quote_string_overrides(list(overrides or []), schema)
     _register_schemas()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
@@ -332,6 +340,10 @@ def _hydra_message(e: Exception) -> str:
         detail = _omegaconf_message(cause)
         if detail not in msg:
             msg = f"{msg}: {detail}"
+    if "token recognition error" in msg or "mismatched input" in msg or "no viable alternative" in msg:
+        msg += (" (a value with spaces, commas, brackets, braces, '=', '~' or non-ASCII characters must be quoted: "
+                "key='value', in a shell \"key='value'\"; string options such as dataset=, out= and checkpoint= are "
+                "quoted automatically)")
     if "Could not override" in msg or "not in struct" in msg:
         msg += " (unknown config key; dotted keys such as policy.denoising_steps reach nested options)"
     return msg
@@ -353,3 +365,176 @@ def describe_schema(schema: type, prefix: str = "", defaults: Optional[Any] = No
         help_text = f.metadata.get("help", "")
         lines.append(f"  {prefix + f.name:<36} {value!r:<24} {help_text}")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------- ranges
+_INF = float("inf")
+
+#: per schema: (field, low, high, low inclusive, high inclusive, None allowed, what the value means)
+RANGES: Dict[str, List[tuple]] = {
+    "PolicyConfig": [
+        ("denoising_steps", 1, _INF, True, True, False, ""),
+        ("ddim_steps", 1, _INF, True, True, True, ""),
+        ("ddim_eta", 0.0, 1.0, True, True, False, "0 = deterministic DDIM, 1 = DDPM-like noise"),
+        ("ft_denoising_steps", 0, _INF, True, True, False, "0 = no fine-tuned copy"),
+        ("min_sampling_denoising_std", 0.0, _INF, True, True, False, ""),
+        ("min_logprob_denoising_std", 0.0, _INF, False, True, False, "a std floor; log-probabilities need it > 0"),
+        ("randn_clip_value", 0.0, _INF, False, True, False, ""),
+        ("denoised_clip_value", 0.0, _INF, False, True, True, ""),
+        ("mlp_dims", 1, _INF, True, True, True, "layer widths"),
+        ("time_dim", 1, _INF, True, True, False, ""),
+        ("cond_mlp_dims", 1, _INF, True, True, True, "layer widths"),
+        ("down_dims", 1, _INF, True, True, False, "channel widths"),
+        ("kernel_size", 1, _INF, True, True, False, ""),
+        ("n_groups", 1, _INF, True, True, False, ""),
+        ("diffusion_step_embed_dim", 1, _INF, True, True, False, ""),
+        ("image_feature_dim", 1, _INF, True, True, False, ""),
+        ("random_shift_pad", 0, _INF, True, True, False, "0 = no augmentation"),
+        ("std_min", 0.0, _INF, False, True, False, ""),
+        ("std_max", 0.0, _INF, False, True, False, ""),
+        ("init_std", 0.0, _INF, False, True, False, ""),
+    ],
+    "DataConfig": [("valid_ratio", 0.0, 1.0, True, False, False, "")],
+    "PretrainConfig": [
+        ("horizon_steps", 1, _INF, True, True, False, ""),
+        ("cond_steps", 1, _INF, True, True, False, ""),
+        ("act_steps", 1, _INF, True, True, False, ""),
+        ("steps", 1, _INF, True, True, False, ""),
+        ("batch_size", 1, _INF, True, True, False, ""),
+        ("lr", 0.0, _INF, False, True, False, ""),
+        ("weight_decay", 0.0, _INF, True, True, False, "0 = no weight decay"),
+        ("warmup_steps", 0, _INF, True, True, False, "0 = no warm-up"),
+        ("min_lr_ratio", 0.0, 1.0, True, True, False, "the final learning rate as a fraction of lr"),
+        ("grad_clip", 0.0, _INF, True, True, False, "0 turns clipping off"),
+        ("ema_decay", 0.0, 1.0, True, False, False, "0 = no EMA"),
+        ("save_every", 1, _INF, True, True, False, ""),
+        ("val_every", 0, _INF, True, True, False, "0 turns validation off"),
+        ("log_every", 1, _INF, True, True, False, ""),
+        ("keep_checkpoints", 0, _INF, True, True, False, "0 = keep all"),
+        ("seed", 0, 2 ** 31 - 1, True, True, False, ""),
+        ("num_threads", 1, _INF, True, True, True, "unset = torch's choice"),
+    ],
+    "DemosConfig": [
+        ("num", 1, _INF, True, True, False, ""),
+        ("seed", 0, 2 ** 31 - 1, True, True, False, ""),
+        ("noise", 0.0, _INF, True, True, False, "0 = clean"),
+        ("camera_size", 8, 4096, True, True, False, "pixels"),
+        ("valid_ratio", 0.0, 1.0, True, False, False, ""),
+    ],
+    "RolloutConfig": [
+        ("episodes", 1, _INF, True, True, False, ""),
+        ("envs", 0, _INF, True, True, False, "0 = automatic"),
+        ("seed", 0, 2 ** 31 - 1, True, True, False, ""),
+        ("videos", 0, _INF, True, True, False, "0 = all episodes"),
+        ("max_episode_steps", 1, _INF, True, True, True, "unset = the task's"),
+        ("video_size", 16, 4096, True, True, False, "pixels"),
+    ],
+}
+
+
+def _range_text(lo: float, hi: float, lo_inc: bool, hi_inc: bool) -> str:
+    def num(x: float) -> str:
+        return ("%d" % x) if float(x).is_integer() else repr(x)
+
+    if hi == _INF:
+        return "%s %s" % (">=" if lo_inc else ">", num(lo))
+    return "in %s%s, %s%s" % ("[" if lo_inc else "(", num(lo), num(hi), "]" if hi_inc else ")")
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """Check every numeric field of a schema instance (and its sub-sections) against :data:`RANGES`; raises a
+    DpftError naming the key (dotted), the value and the allowed range. NaN and infinity are always refused."""
+    import math
+
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            check_ranges(value, prefix + f.name + ".")
+    if type(obj).__name__ == "PolicyConfig":
+        _check_policy_relations(obj, prefix)
+    for name, lo, hi, lo_inc, hi_inc, none_ok, meaning in RANGES.get(type(obj).__name__, []):
+        if not hasattr(obj, name):
+            continue
+        value = getattr(obj, name)
+        key = prefix + name
+        if value is None:
+            if none_ok:
+                continue
+            raise DpftError(f"{key} must be set (a number {_range_text(lo, hi, lo_inc, hi_inc)}).")
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue  # the schema's types are checked by OmegaConf
+            ok = math.isfinite(v) and (v >= lo if lo_inc else v > lo) and (v <= hi if hi_inc else v < hi)
+            if not ok:
+                shown = value if isinstance(value, (list, tuple)) else v
+                if isinstance(value, (list, tuple)):
+                    shown = "[" + ",".join(str(x) for x in value) + "]"
+                each = " in every entry" if isinstance(value, (list, tuple)) else ""
+                raise DpftError(f"{key}={shown} must be {_range_text(lo, hi, lo_inc, hi_inc)}{each}"
+                                + (f" ({meaning})." if meaning else "."))
+
+
+def _check_policy_relations(p: Any, prefix: str) -> None:
+    """Policy settings that constrain each other (only for the policy that uses them)."""
+    from dpft.models.mlp import _ACTIVATIONS
+
+    if str(p.activation).lower() not in _ACTIVATIONS:
+        raise DpftError(f"{prefix}activation={p.activation!r} is not known; expected one of "
+                        f"{', '.join(sorted(_ACTIVATIONS))}.")
+    if p.name == "gaussian_mlp":
+        return
+    sampling = p.ddim_steps if (p.use_ddim and p.ddim_steps) else p.denoising_steps
+    if isinstance(p.ft_denoising_steps, int) and isinstance(sampling, int) and p.ft_denoising_steps > sampling:
+        raise DpftError(f"{prefix}ft_denoising_steps={p.ft_denoising_steps} must be <= the sampling "
+                        f"steps ({'ddim_steps' if p.use_ddim else 'denoising_steps'}={sampling}).")
+    if p.name == "diffusion_unet":
+        if p.kernel_size % 2 == 0:
+            raise DpftError(f"{prefix}kernel_size={p.kernel_size} must be odd (same-length convolutions).")
+        bad = [d for d in p.down_dims if p.n_groups and d % p.n_groups]
+        if bad:
+            raise DpftError(f"{prefix}n_groups={p.n_groups} must divide every entry of {prefix}down_dims "
+                            f"(GroupNorm); {bad} are not multiples of it.")
+
+
+# ---------------------------------------------------------------------------------------------- quoting
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_./@:+\-]*$")
+_OVERRIDE = re.compile(r"^(\+{0,2}|~)([A-Za-z_][\w.]*)=(.*)$", re.S)
+
+
+def _string_fields(schema: type, prefix: str = "") -> List[str]:
+    import typing
+
+    out: List[str] = []
+    hints = typing.get_type_hints(schema)
+    for f in fields(schema):
+        t = hints.get(f.name)
+        if is_dataclass(t):
+            out.extend(_string_fields(t, prefix + f.name + "."))
+        elif t is str or t == Optional[str]:
+            out.append(prefix + f.name)
+    return out
+
+
+def _hydra_quote(value: str) -> str:
+    """``value`` as a single-quoted Hydra string: quotes escaped, backslashes before a quote or at the end doubled."""
+    out = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return "'" + out.replace("'", "\\'") + "'"
+
+
+def quote_string_overrides(overrides: List[str], schema: type) -> List[str]:
+    """Quote the value of ``key=value`` overrides of string options (``dataset=``, ``out=``, ``checkpoint=``, ...)
+    when it holds characters Hydra's override grammar does not accept unquoted (non-ASCII letters, spaces, commas,
+    brackets, braces, ``=``, ``~``, quotes), so such paths work as typed. Values already quoted, ``null`` and values
+    with ``${`` (an interpolation) are passed through."""
+    keys = set(_string_fields(schema))
+    out = []
+    for o in overrides:
+        m = _OVERRIDE.match(o)
+        if m and m.group(2) in keys:
+            value = m.group(3)
+            quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+            if value and not quoted and value != "null" and "${" not in value and not _SAFE_VALUE.match(value):
+                o = "%s%s=%s" % (m.group(1), m.group(2), _hydra_quote(value))
+        out.append(o)
+    return out

@@ -22,7 +22,7 @@ def test_compose_defaults_and_overrides():
     assert isinstance(obj, PretrainConfig)
     # gaussian group sets its own defaults
     g = compose("pretrain", ["dataset=d.hdf5", "out=r", "policy=gaussian_mlp"])
-    assert g.policy.name == "gaussian_mlp" and list(g.policy.mlp_dims) == [256, 256, 256]
+    assert g.policy.name == "gaussian_mlp" and g.policy.mlp_dims is None  # null: dpft.config.DEFAULT_MLP_DIMS
 
 
 @pytest.mark.parametrize(

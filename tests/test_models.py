@@ -297,3 +297,64 @@ def test_build_policy_model_from_omegaconf_with_ddim_and_ft():
     _, chain = model.sample({"state": torch.zeros(2, 1, 4)}, generator=torch.Generator().manual_seed(0),
                             return_chain=True)
     assert chain.shape == (2, 6, 4, 2)
+
+
+def test_gaussian_log_prob_reductions_act_steps_and_entropy():
+    model = _gauss(init_std=0.3)
+    std = torch.tensor([0.2, 0.5])
+    with torch.no_grad():
+        model.log_std.copy_(std.log())
+    state = torch.randn(4, 1, 3)
+    actions = torch.rand(4, 2, 2) * 2 - 1
+    mean, s = model.distribution({"state": state})  # unpacks as (mean (B, Ta, Da), std (Da,))
+    assert mean.shape == (4, 2, 2) and torch.equal(s, model.std())
+    # hand-computed per-element log-density, then reduced over the executed step only
+    z = (actions - mean) / std
+    elem = -0.5 * z**2 - std.log() - 0.5 * math.log(2 * math.pi)
+    obs = {"state": state}
+    torch.testing.assert_close(model.log_prob(obs, actions, reduction="none"), elem)
+    torch.testing.assert_close(model.log_prob(obs, actions, act_steps=1), elem[:, :1].sum(dim=(1, 2)))
+    torch.testing.assert_close(model.log_prob(obs, actions, reduction="mean", act_steps=1),
+                               elem[:, 0].mean(dim=-1))
+    torch.testing.assert_close(model.log_prob(obs, actions, reduction="mean"), elem.mean(dim=(1, 2)))
+    with pytest.raises(DpftError, match="reduction='max'"):
+        model.log_prob(obs, actions, reduction="max")
+    with pytest.raises(DpftError, match="act_steps=3"):
+        model.log_prob(obs, actions, act_steps=3)
+    h = 0.5 * math.log(2 * math.pi * math.e) + std.log()
+    torch.testing.assert_close(model.entropy(), 2 * h.sum())
+    torch.testing.assert_close(model.entropy(act_steps=1), h.sum())
+    torch.testing.assert_close(model.entropy(reduction="mean"), h.mean())
+    # sampling: log-probs from the sampler equal log_prob of the sampled actions; N candidates per obs
+    acts, none, lp = model.sample(obs, generator=torch.Generator().manual_seed(0), num_samples=3,
+                                  return_log_prob=True)
+    assert none is None and acts.shape == (12, 2, 2) and lp.shape == (12, 2, 2)
+    rep = {"state": state.repeat_interleave(3, dim=0)}
+    torch.testing.assert_close(lp, model.log_prob(rep, acts, reduction="none"))
+    zz = torch.randn(12, 2, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(acts, mean.repeat_interleave(3, dim=0) + std * zz)
+
+
+def test_policy_defaults_have_one_source():
+    from dpft.config import DEFAULT_MLP_DIMS, PolicyConfig
+    from dpft.models import policy_spec
+
+    assert DEFAULT_MLP_DIMS == {"diffusion_mlp": [512, 512, 512], "gaussian_mlp": [256, 256, 256]}
+    for cfg in (PolicyConfig(name="gaussian_mlp"), {"name": "gaussian_mlp"}, {"name": "gaussian_mlp", "mlp_dims": None}):
+        spec = policy_spec(cfg)
+        assert spec["mlp_dims"] == [256, 256, 256] and spec["std_min"] == 0.01 and "denoising_steps" not in spec
+    model = build_policy_model(PolicyConfig(name="gaussian_mlp"), {}, 3, [], 2, 1, 1)
+    assert [m.out_features for m in model.mlp.layers if isinstance(m, torch.nn.Linear)] == [256, 256, 256, 2]
+    assert policy_spec(PolicyConfig())["mlp_dims"] == [512, 512, 512]
+    # None disables the x0 clip (it used to fall back to 1.0); a missing key takes the default
+    assert build_policy_model({"name": "diffusion_mlp", "mlp_dims": [8, 8, 8], "denoised_clip_value": None},
+                              {}, 3, [], 2, 4, 1).denoised_clip_value is None
+    assert build_policy_model({"name": "diffusion_mlp", "mlp_dims": [8, 8, 8]}, {}, 3, [], 2, 4,
+                              1).denoised_clip_value == 1.0
+    spec = policy_spec({"name": "diffusion_unet"})
+    assert spec["down_dims"] == [64, 128] and "mlp_dims" not in spec and spec["ddim_steps"] is None
+    torch.manual_seed(0)
+    a = build_policy_model(spec, {}, 3, [], 2, 4, 1)
+    torch.manual_seed(0)
+    b = build_policy_model({"name": "diffusion_unet"}, {}, 3, [], 2, 4, 1)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

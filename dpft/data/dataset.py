@@ -30,12 +30,21 @@ and ``(B, Ta)`` action rows. Randomness comes only from the ``torch.Generator`` 
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from dpft.data.hdf5 import Demos, demo_sort_key, list_demos, load_demos, read_filter_keys
+from dpft.data.hdf5 import (
+    Demos,
+    demo_sort_key,
+    filter_key_names,
+    list_demos,
+    load_demos,
+    no_samples_error,
+    read_filter_keys,
+)
 from dpft.errors import DpftError
 from dpft.normalization import MinMaxNormalizer
 
@@ -307,11 +316,25 @@ def build_datasets(
     horizon_steps = _check_positive_int("horizon_steps", horizon_steps)
     cond_steps = _check_positive_int("cond_steps", cond_steps)
     names = list_demos(path)
+    present = filter_key_names(path)
+    if present:  # a file with filter keys: a configured key it lacks is a typo, not "no split"
+        for option, key in (("data.train_filter_key", train_filter_key), ("data.valid_filter_key", valid_filter_key)):
+            if key is not None and key not in present:
+                raise DpftError(
+                    "'%s': %s='%s' is not a filter key of this file; filter keys present: [%s]. Use one of them, or "
+                    "%s=null to %s." % (os.path.expanduser(os.fspath(path)), option, key, ", ".join(sorted(present)),
+                                        option, "train on every demo not used for validation"
+                                        if option.startswith("data.train") else "split validation demos by "
+                                        "data.valid_ratio"))
     wanted = [k for k in (train_filter_key, valid_filter_key) if k is not None]
     filter_keys = read_filter_keys(path, names=wanted)
     split = split_demos(names, filter_keys, train_filter_key, valid_filter_key, valid_ratio, seed)
 
     train_demos = load_demos(path, obs_keys, demo_names=split.train)
+    if train_demos.num_samples == 0:
+        raise no_samples_error(os.path.expanduser(os.fspath(path)), train_demos.demo_names,
+                               train_demos.episode_lengths.tolist(),
+                               "every demo" if len(split.train) == len(names) else "every training demo")
     arrays = {"action": train_demos.actions}
     if train_demos.obs_dim > 0:
         arrays = {"state": train_demos.state, "action": train_demos.actions}

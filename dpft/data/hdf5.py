@@ -101,6 +101,30 @@ def _first_nonfinite(x: np.ndarray) -> Optional[Tuple[int, int, str]]:
     return int(row), int(col), ("NaN" if np.isnan(x[row, col]) else "Inf")
 
 
+def check_image_layout(path: str, key: str, demo: str, shape: Tuple[int, ...]) -> None:
+    """The same error in ``dpft data info`` and pretraining for an image key dpft cannot read: channels-first
+    ``(C, H, W)`` or smaller than 8x8 pixels."""
+    if len(shape) != 3:
+        return
+    h, w, c = shape
+    if h in (1, 3, 4) and c > 4:
+        raise DpftError(
+            "'%s': obs key '%s' holds uint8 images of per-step shape %s in data/%s, which looks channels-first "
+            "(C, H, W); dpft reads images as (H, W, C), the layout robomimic stores. Transpose the dataset "
+            "(numpy: x.transpose(0, 2, 3, 1))." % (path, key, shape, demo))
+    if h < 8 or w < 8 or c < 1:
+        raise DpftError(
+            "'%s': obs key '%s' holds uint8 images of per-step shape %s (H, W, C) in data/%s; the image encoder "
+            "needs at least 8x8 pixels and one channel." % (path, key, shape, demo))
+
+
+def no_samples_error(path: str, names: Sequence[str], lengths: Sequence[int], what: str = "every demo") -> DpftError:
+    """The same error in ``dpft data info`` and pretraining when the demos used hold no step at all."""
+    shown = ", ".join("%s: %d steps" % (n, int(t)) for n, t in list(zip(names, lengths))[:4])
+    return DpftError("'%s': %s has 0 steps (%s%s); there is nothing to train on. Every robomimic demo needs at "
+                     "least one step of actions and observations." % (path, what, shown, " ..." if len(names) > 4 else ""))
+
+
 # ----------------------------------------------------------------------------------------------- opening
 def open_robomimic(path: Any) -> h5py.File:
     """Open a robomimic HDF5 file read-only, after checking it is one.
@@ -183,6 +207,12 @@ def _filter_key_names(f: h5py.File) -> List[str]:
     if "mask" not in f or not isinstance(f["mask"], h5py.Group):
         return []
     return sorted(k for k in f["mask"].keys() if isinstance(f["mask"][k], h5py.Dataset))
+
+
+def filter_key_names(path: Any) -> List[str]:
+    """Names of the file's filter keys (``mask/<name>`` datasets), sorted; [] when none."""
+    with open_robomimic(_fmt_path(path)) as f:
+        return _filter_key_names(f)
 
 
 def _read_filter_key(f: h5py.File, path: str, key: str, demo_set: Iterable[str]) -> List[str]:
@@ -322,6 +352,8 @@ def describe(path: Any) -> Dict[str, Any]:
                 if key not in obs_meta:
                     obs_meta[key] = {"shape": shape, "dtype": str(dtype), "kind": _kind(shape, dtype)}
                     obs_first[key] = name
+                    if obs_meta[key]["kind"] == "image":
+                        check_image_layout(p, key, name, shape)
                 elif obs_meta[key]["shape"] != shape or obs_meta[key]["kind"] != _kind(shape, dtype):
                     raise DpftError(
                         "'%s': obs key '%s' has per-step shape %s (%s) in data/%s but %s (%s) in data/%s; a key "
@@ -390,6 +422,12 @@ def describe(path: Any) -> Dict[str, Any]:
 
     lens = np.array([lengths[n] for n in names], dtype=np.int64)
     num_samples = int(lens.sum())
+    if num_samples == 0:
+        raise no_samples_error(p, names, lens.tolist())
+    empty = [n for n in names if lengths[n] == 0]
+    if empty:
+        warnings.append("%d demo(s) have 0 steps and contribute nothing to training: %s"
+                        % (len(empty), _short_list(empty)))
     if total_attr is not None and total_attr != num_samples:
         warnings.append("data.attrs['total'] is %d but the demos hold %d samples" % (total_attr, num_samples))
     has_actions = bool(np.isfinite(act_min).all())
@@ -630,6 +668,8 @@ def load_demos(
                 shape = tuple(int(s) for s in ds.shape[1:])
                 if key not in shapes:
                     shapes[key], dtypes[key], first_demo[key] = shape, ds.dtype, name
+                    if _kind(shape, ds.dtype) == "image":
+                        check_image_layout(p, key, name, shape)
                     if _kind(shape, ds.dtype) == "other":
                         raise DpftError(
                             "'%s': obs key '%s' has per-step shape %s and dtype %s in data/%s; policy inputs must "
@@ -708,6 +748,34 @@ def load_demos(
     )
 
 
+def resolve_obs_keys(path: Any, obs_keys: Sequence[str], default: Sequence[str]) -> Tuple[List[str], Optional[str]]:
+    """The observation keys to train on, and a note to print when they were chosen for the user.
+
+    ``obs_keys`` as given, unless it is the untouched ``default`` (robomimic's standard low-dim set) and the
+    file lacks some of those keys (a Gym-style file with one ``obs`` key, for instance): then every low-dim key
+    of the file, in the file's order, with the standard ones that are present first.
+    """
+    keys = [str(k) for k in obs_keys]
+    if keys != [str(k) for k in default]:
+        return keys, None
+    p = _fmt_path(path)
+    with open_robomimic(p) as f:
+        first = f["data"][_demo_names_in(f["data"])[0]]
+        obs = _obs_group(first, _demo_names_in(f["data"])[0], p)
+        present = list(obs.keys())
+        if all(k in present for k in keys):
+            return keys, None
+        low = [k for k in present if isinstance(obs[k], h5py.Dataset)
+               and _kind(tuple(int(x) for x in obs[k].shape[1:]), obs[k].dtype) == "low_dim"]
+    if not low:
+        return keys, None  # load_demos names the missing key and lists the ones present
+    chosen = [k for k in keys if k in low] + [k for k in low if k not in keys]
+    missing = [k for k in keys if k not in present]
+    note = ("obs_keys not set and '%s' lacks robomimic's standard keys %s; using the file's low-dim keys %s "
+            "(set obs_keys=[...] to choose)." % (p, missing, chosen))
+    return chosen, note
+
+
 #: the name used in docs/design.md
 load_hdf5 = load_demos
 
@@ -722,4 +790,8 @@ __all__ = [
     "open_robomimic",
     "read_env_args",
     "read_filter_keys",
+    "resolve_obs_keys",
+    "filter_key_names",
+    "check_image_layout",
+    "no_samples_error",
 ]

@@ -20,8 +20,7 @@ DDPM with std floored at 1e-3 and 0 at the last step (DPPO's evaluation mode).
 from __future__ import annotations
 
 import copy
-import math
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -29,6 +28,7 @@ from torch.nn import functional as F
 
 from dpft.diffusion.schedule import DiffusionSchedule, StepIndex
 from dpft.errors import DpftError
+from dpft.models.gaussian import normal_log_prob as _normal_log_prob
 from dpft.models.mlp import check_action_chunk
 from dpft.models.rand import randint as _randint
 from dpft.models.rand import randn as _randn
@@ -606,15 +606,6 @@ class DiffusionModel(nn.Module):
         steps = idx + (self.num_sampling_steps - kp)
         mean, std = self._raw_step(x_k, steps, cond, self.ddim_eta, use_ft=use_ft)
         return _normal_log_prob(x_next - mean, self._logprob_std(std))
-
-
-_HALF_LOG_2PI = math.log(math.sqrt(2 * math.pi))
-
-
-def _normal_log_prob(diff: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``log N(value; loc, std)`` from ``diff = value - loc``, the formula of ``torch.distributions.Normal``
-    (same operations, so the same numbers) without building a distribution object."""
-    return -(diff**2) / (2 * std**2) - std.log() - _HALF_LOG_2PI
 
 
 class _StepPlan(NamedTuple):

@@ -1,40 +1,26 @@
 """Denoisers, encoders and the Gaussian policy, plus :func:`build_policy_model` (config -> model).
 
-Policy config keys accepted by :func:`build_policy_model` (a missing key or ``None`` means the default):
+:func:`build_policy_model` takes a policy config: a :class:`dpft.config.PolicyConfig`, or any mapping with
+``name`` and some of its keys. The defaults are those of ``PolicyConfig`` (the one table; a key missing
+from a mapping takes its default there) except ``mlp_dims``, whose default depends on the policy
+(``dpft.config.DEFAULT_MLP_DIMS``: ``[512, 512, 512]`` for ``diffusion_mlp``, ``[256, 256, 256]`` for
+``gaussian_mlp``). ``None`` means "the default" for every key except the ones where ``None`` is a setting:
+``ddim_steps``, ``cond_mlp_dims`` (no MLP) and ``denoised_clip_value`` (no x0 clip).
 
-=============================  ================  ===========================================================
-key                            default           used by
-=============================  ================  ===========================================================
-name                           (required)        ``diffusion_mlp`` | ``diffusion_unet`` | ``gaussian_mlp``
-cond_mlp_dims                  None              all: MLP on the flattened state history
-image_feature_dim              64                all: features per camera per frame
-random_shift_pad               4                 all: DrQ pad (0 disables image augmentation)
-mlp_dims                       [512, 512, 512]   diffusion_mlp; gaussian_mlp default [256, 256, 256]
-activation                     "mish"            diffusion_mlp, gaussian_mlp
-layer_norm                     False             diffusion_mlp
-residual_style                 True              diffusion_mlp
-time_dim                       16                diffusion_mlp
-diffusion_step_embed_dim       64                diffusion_unet
-down_dims                      [64, 128]         diffusion_unet
-kernel_size                    5                 diffusion_unet
-n_groups                       8                 diffusion_unet
-cond_predict_scale             True              diffusion_unet
-denoising_steps                20                diffusion_*
-use_ddim                       False             diffusion_*
-ddim_steps                     None              diffusion_* (required with use_ddim)
-ddim_eta                       1.0               diffusion_*
-ft_denoising_steps             0                 diffusion_*
-min_sampling_denoising_std     0.1               diffusion_*
-min_logprob_denoising_std      0.1               diffusion_*
-denoised_clip_value            1.0               diffusion_*
-randn_clip_value               10.0              diffusion_*, gaussian_mlp
-std_min                        0.01              gaussian_mlp
-std_max                        1.0               gaussian_mlp
-init_std                       0.1               gaussian_mlp
-tanh_mean                      True              gaussian_mlp
-=============================  ================  ===========================================================
+Keys by policy (keys of another model type are ignored; unknown keys are errors):
 
-Keys of another model type are ignored (a config schema may carry them all); unknown keys are errors.
+- all: ``name``, ``cond_mlp_dims``, ``image_feature_dim``, ``random_shift_pad``;
+- ``diffusion_*``: ``denoising_steps``, ``use_ddim``, ``ddim_steps``, ``ddim_eta``, ``ft_denoising_steps``,
+  ``min_sampling_denoising_std``, ``min_logprob_denoising_std``, ``denoised_clip_value``, ``randn_clip_value``;
+- ``diffusion_mlp``: ``mlp_dims``, ``activation``, ``layer_norm``, ``residual_style``, ``time_dim``;
+- ``diffusion_unet``: ``diffusion_step_embed_dim``, ``down_dims``, ``kernel_size``, ``n_groups``,
+  ``cond_predict_scale``;
+- ``gaussian_mlp``: ``mlp_dims``, ``activation``, ``std_min``, ``std_max``, ``init_std``, ``tanh_mean``,
+  ``randn_clip_value``.
+
+:func:`policy_spec` returns the resolved keys of one policy (every default filled in): it is stored in a
+checkpoint's ``meta.json`` as ``model_spec`` so :func:`dpft.load_policy` rebuilds the model from the
+metadata alone.
 """
 from __future__ import annotations
 
@@ -43,6 +29,7 @@ from typing import Any, Dict, Mapping, Sequence
 
 from torch import nn
 
+from dpft.config import DEFAULT_MLP_DIMS, POLICY_NAMES, PolicyConfig
 from dpft.errors import DpftError
 from dpft.models.diffusion_mlp import DiffusionMLP
 from dpft.models.embeddings import SinusoidalPosEmb
@@ -52,51 +39,28 @@ from dpft.models.obs_encoder import ObsEncoder
 from dpft.models.unet1d import ConditionalUnet1D
 from dpft.models.vision import ConvEncoder, RandomShiftsAug, images_to_float
 
-POLICY_NAMES = ("diffusion_mlp", "diffusion_unet", "gaussian_mlp")
 
-_ENCODER_DEFAULTS: Dict[str, Any] = {"cond_mlp_dims": None, "image_feature_dim": 64, "random_shift_pad": 4}
-_DIFFUSION_DEFAULTS: Dict[str, Any] = {
-    "denoising_steps": 20,
-    "use_ddim": False,
-    "ddim_steps": None,
-    "ddim_eta": 1.0,
-    "ft_denoising_steps": 0,
-    "min_sampling_denoising_std": 0.1,
-    "min_logprob_denoising_std": 0.1,
-    "denoised_clip_value": 1.0,
-    "randn_clip_value": 10.0,
+def _field_default(f: "dataclasses.Field") -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
+
+
+DEFAULTS: Dict[str, Any] = {f.name: _field_default(f) for f in dataclasses.fields(PolicyConfig)}
+_ENCODER_KEYS = ("cond_mlp_dims", "image_feature_dim", "random_shift_pad")
+_DIFFUSION_KEYS = ("denoising_steps", "use_ddim", "ddim_steps", "ddim_eta", "ft_denoising_steps",
+                   "min_sampling_denoising_std", "min_logprob_denoising_std", "denoised_clip_value",
+                   "randn_clip_value")
+_KEYS_BY_NAME: Dict[str, Sequence[str]] = {
+    "diffusion_mlp": _ENCODER_KEYS + _DIFFUSION_KEYS + ("mlp_dims", "activation", "layer_norm", "residual_style",
+                                                        "time_dim"),
+    "diffusion_unet": _ENCODER_KEYS + _DIFFUSION_KEYS + ("diffusion_step_embed_dim", "down_dims", "kernel_size",
+                                                         "n_groups", "cond_predict_scale"),
+    "gaussian_mlp": _ENCODER_KEYS + ("mlp_dims", "activation", "std_min", "std_max", "init_std", "tanh_mean",
+                                     "randn_clip_value"),
 }
-_MLP_DENOISER_DEFAULTS: Dict[str, Any] = {
-    "mlp_dims": [512, 512, 512],
-    "activation": "mish",
-    "layer_norm": False,
-    "residual_style": True,
-    "time_dim": 16,
-}
-_UNET_DEFAULTS: Dict[str, Any] = {
-    "diffusion_step_embed_dim": 64,
-    "down_dims": [64, 128],
-    "kernel_size": 5,
-    "n_groups": 8,
-    "cond_predict_scale": True,
-}
-_GAUSSIAN_DEFAULTS: Dict[str, Any] = {
-    "mlp_dims": [256, 256, 256],
-    "activation": "mish",
-    "std_min": 0.01,
-    "std_max": 1.0,
-    "init_std": 0.1,
-    "tanh_mean": True,
-    "randn_clip_value": 10.0,
-}
-ACCEPTED_KEYS = frozenset(
-    ["name"]
-    + list(_ENCODER_DEFAULTS)
-    + list(_DIFFUSION_DEFAULTS)
-    + list(_MLP_DENOISER_DEFAULTS)
-    + list(_UNET_DEFAULTS)
-    + list(_GAUSSIAN_DEFAULTS)
-)
+_NULLABLE = frozenset(["ddim_steps", "cond_mlp_dims", "denoised_clip_value"])
+ACCEPTED_KEYS = frozenset(DEFAULTS)
 
 
 def _plain(value: Any) -> Any:
@@ -120,11 +84,26 @@ def _as_dict(policy_cfg: Any) -> Dict[str, Any]:
     )
 
 
-def _pick(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> Dict[str, Any]:
-    out = {}
-    for key, default in defaults.items():
-        value = cfg.get(key)
-        out[key] = default if value is None else _plain(value)
+def policy_spec(policy_cfg: Any) -> Dict[str, Any]:
+    """The resolved policy config: ``name`` plus every key its model uses, defaults filled in (plain Python
+    values, JSON-ready). Building from the result gives the same model as building from ``policy_cfg``."""
+    cfg = _as_dict(policy_cfg)
+    unknown = sorted(set(cfg) - ACCEPTED_KEYS)
+    if unknown:
+        raise DpftError(
+            "Unknown policy config key(s) {}; accepted keys are: {}.".format(unknown, ", ".join(sorted(ACCEPTED_KEYS)))
+        )
+    name = cfg.get("name")
+    if name not in POLICY_NAMES:
+        raise DpftError("Unknown policy name {!r}: expected one of {}.".format(name, ", ".join(POLICY_NAMES)))
+    out = {"name": str(name)}  # type: Dict[str, Any]
+    for key in _KEYS_BY_NAME[name]:
+        if key in cfg and (cfg[key] is not None or key in _NULLABLE):
+            out[key] = _plain(cfg[key])
+        elif key == "mlp_dims":
+            out[key] = list(DEFAULT_MLP_DIMS[name])
+        else:
+            out[key] = _plain(DEFAULTS[key])
     return out
 
 
@@ -147,87 +126,75 @@ def build_policy_model(
         image_keys: camera keys, in order.
         action_dim, horizon_steps, cond_steps: ``Da``, ``Ta``, ``To``.
     """
-    cfg = _as_dict(policy_cfg)
-    unknown = sorted(set(cfg) - ACCEPTED_KEYS)
-    if unknown:
-        raise DpftError(
-            "Unknown policy config key(s) {}; accepted keys are: {}.".format(unknown, ", ".join(sorted(ACCEPTED_KEYS)))
-        )
-    name = cfg.get("name")
-    if name not in POLICY_NAMES:
-        raise DpftError(
-            "Unknown policy name {!r}: expected one of {}.".format(name, ", ".join(POLICY_NAMES))
-        )
-    enc = _pick(cfg, _ENCODER_DEFAULTS)
+    spec = policy_spec(policy_cfg)
+    name = spec["name"]
     obs_encoder = ObsEncoder(
         obs_shapes,
         low_dim_dim,
         cond_steps,
         list(image_keys),
-        image_feature_dim=int(enc["image_feature_dim"]),
-        cond_mlp_dims=enc["cond_mlp_dims"],
-        random_shift_pad=int(enc["random_shift_pad"]),
+        image_feature_dim=int(spec["image_feature_dim"]),
+        cond_mlp_dims=spec["cond_mlp_dims"],
+        random_shift_pad=int(spec["random_shift_pad"]),
     )
     if name == "gaussian_mlp":
-        g = _pick(cfg, _GAUSSIAN_DEFAULTS)
         return GaussianModel(
             obs_encoder,
             action_dim,
             horizon_steps=horizon_steps,
-            mlp_dims=g["mlp_dims"],
-            std_min=float(g["std_min"]),
-            std_max=float(g["std_max"]),
-            init_std=float(g["init_std"]),
-            tanh_mean=bool(g["tanh_mean"]),
-            activation=str(g["activation"]),
-            randn_clip_value=float(g["randn_clip_value"]),
+            mlp_dims=spec["mlp_dims"],
+            std_min=float(spec["std_min"]),
+            std_max=float(spec["std_max"]),
+            init_std=float(spec["init_std"]),
+            tanh_mean=bool(spec["tanh_mean"]),
+            activation=str(spec["activation"]),
+            randn_clip_value=float(spec["randn_clip_value"]),
         )
     if name == "diffusion_mlp":
-        m = _pick(cfg, _MLP_DENOISER_DEFAULTS)
         network: nn.Module = DiffusionMLP(
             action_dim,
             horizon_steps,
             obs_encoder.cond_dim,
-            time_dim=int(m["time_dim"]),
-            mlp_dims=m["mlp_dims"],
-            residual_style=bool(m["residual_style"]),
-            layer_norm=bool(m["layer_norm"]),
-            activation=str(m["activation"]),
+            time_dim=int(spec["time_dim"]),
+            mlp_dims=spec["mlp_dims"],
+            residual_style=bool(spec["residual_style"]),
+            layer_norm=bool(spec["layer_norm"]),
+            activation=str(spec["activation"]),
         )
     else:
-        u = _pick(cfg, _UNET_DEFAULTS)
         network = ConditionalUnet1D(
             action_dim,
             obs_encoder.cond_dim,
-            diffusion_step_embed_dim=int(u["diffusion_step_embed_dim"]),
-            down_dims=u["down_dims"],
-            kernel_size=int(u["kernel_size"]),
-            n_groups=int(u["n_groups"]),
-            cond_predict_scale=bool(u["cond_predict_scale"]),
+            diffusion_step_embed_dim=int(spec["diffusion_step_embed_dim"]),
+            down_dims=spec["down_dims"],
+            kernel_size=int(spec["kernel_size"]),
+            n_groups=int(spec["n_groups"]),
+            cond_predict_scale=bool(spec["cond_predict_scale"]),
             horizon_steps=horizon_steps,
         )
     from dpft.diffusion.model import DiffusionModel  # lazy: dpft.diffusion imports nothing from here
 
-    d = _pick(cfg, _DIFFUSION_DEFAULTS)
+    clip = spec["denoised_clip_value"]
     return DiffusionModel(
         network,
         obs_encoder,
         horizon_steps,
         action_dim,
-        denoising_steps=int(d["denoising_steps"]),
-        use_ddim=bool(d["use_ddim"]),
-        ddim_steps=None if d["ddim_steps"] is None else int(d["ddim_steps"]),
-        ft_denoising_steps=int(d["ft_denoising_steps"]),
-        min_sampling_denoising_std=float(d["min_sampling_denoising_std"]),
-        min_logprob_denoising_std=float(d["min_logprob_denoising_std"]),
-        randn_clip_value=float(d["randn_clip_value"]),
-        denoised_clip_value=float(d["denoised_clip_value"]),
-        ddim_eta=float(d["ddim_eta"]),
+        denoising_steps=int(spec["denoising_steps"]),
+        use_ddim=bool(spec["use_ddim"]),
+        ddim_steps=None if spec["ddim_steps"] is None else int(spec["ddim_steps"]),
+        ft_denoising_steps=int(spec["ft_denoising_steps"]),
+        min_sampling_denoising_std=float(spec["min_sampling_denoising_std"]),
+        min_logprob_denoising_std=float(spec["min_logprob_denoising_std"]),
+        randn_clip_value=float(spec["randn_clip_value"]),
+        denoised_clip_value=None if clip is None else float(clip),
+        ddim_eta=float(spec["ddim_eta"]),
     )
 
 
 __all__ = [
     "ACCEPTED_KEYS",
+    "DEFAULTS",
     "POLICY_NAMES",
     "ConditionalUnet1D",
     "ConvEncoder",
@@ -239,5 +206,6 @@ __all__ = [
     "ResidualMLP",
     "SinusoidalPosEmb",
     "build_policy_model",
+    "policy_spec",
     "images_to_float",
 ]
