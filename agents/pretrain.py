@@ -47,8 +47,9 @@ import torch
 from torch import nn
 
 from dpft import checkpoint as ckpt_lib
-from dpft.config import PretrainConfig, to_object, to_yaml
+from dpft.config import ROBOMIMIC_LOW_DIM_KEYS, PretrainConfig, to_object, to_yaml
 from dpft.data import build_datasets
+from dpft.data.hdf5 import resolve_obs_keys
 from dpft.ema import EMA
 from dpft.errors import DpftError
 from dpft.metrics import MetricsLogger, plot_loss_curve
@@ -147,6 +148,7 @@ class Pretrainer:
         if isinstance(cfg, PretrainConfig):
             cfg = OmegaConf.structured(cfg)
         to_object(cfg).validate()
+        cfg = copy.deepcopy(cfg)  # obs_keys may be resolved below; the caller's config stays as it was
         self.cfg = cfg
         self.out = os.path.abspath(os.path.expanduser(str(cfg.out)))
         self.dist = dist_info_from_env()
@@ -172,6 +174,12 @@ class Pretrainer:
                                 max(1, cfg.batch_size // self.dist.world_size) * self.dist.world_size))
         self.per_rank_batch = cfg.batch_size // self.dist.world_size
         self._kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
+        # obs_keys left at robomimic's default on a file without those keys (Gym-style `obs`): the file's keys
+        keys, note = resolve_obs_keys(cfg.dataset, list(cfg.obs_keys), ROBOMIMIC_LOW_DIM_KEYS)
+        if note is not None:
+            cfg.obs_keys = keys  # recorded in config.yaml, so a resume compares the keys actually used
+            if self.rank0:
+                print("dpft pretrain: " + note, flush=True)
         self._init_process_group()
 
         # ---- where do we start? (open_run_dir refused an existing run with checkpoints unless resume/overwrite)

@@ -94,14 +94,26 @@ def _compose_or_help(command: str, args: List[str]):
     return compose(command, overrides)
 
 
+DATA_HELP = """Usage: dpft data info FILE.hdf5
+
+Print demos, samples, obs keys (shape, dtype), action dimension and per-dimension range, filter keys and env
+metadata of a robomimic-format HDF5 file, and validate it the way pretraining reads it (a file that passes
+trains, short of horizon_steps and obs_keys choices). Exits with status 2 and a precise message when the file
+is broken.
+
+Example:
+  dpft data info data/lift.hdf5"""
+
+
 def cmd_data(args: List[str]) -> int:
-    if not args or args[0] in ("-h", "--help") or args[0] != "info":
-        print("Usage: dpft data info FILE.hdf5\n\nPrint demos, samples, obs keys (shape, dtype), action "
-              "dimension and per-dimension range, filter keys and env metadata; validate the file and exit "
-              "with status 2 and a precise message when it is broken.")
-        return 0 if args and args[0] in ("-h", "--help") else 2 if args else 0
+    if not args or any(a in ("-h", "--help") for a in args):
+        print(DATA_HELP)
+        return 0
+    if args[0] != "info":
+        raise DpftError(f"Unknown `dpft data` subcommand {args[0]!r}; the subcommand is info: "
+                        f"dpft data info FILE.hdf5 (dpft data --help).")
     if len(args) != 2:
-        raise DpftError("Usage: dpft data info FILE.hdf5 (exactly one file).")
+        raise DpftError("Usage: dpft data info FILE.hdf5 (exactly one file; dpft data --help).")
     from dpft.data.hdf5 import describe, format_description
 
     print(format_description(describe(args[1])))
