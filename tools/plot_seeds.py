@@ -1,0 +1,103 @@
+"""Mean +- std curves over seeds from dpft run directories, and a table of final values.
+
+    python tools/plot_seeds.py --x env_steps --y eval/return --out docs/hopper_ppo.png \
+        "PPO=runs/hopper_s0,runs/hopper_s1,runs/hopper_s2" "DPPO=runs/dppo_s0,runs/dppo_s1,runs/dppo_s2"
+
+Each positional argument is ``LABEL=RUN_DIR[,RUN_DIR...]`` (one run per seed). Records of every run's
+``metrics.jsonl`` that carry both keys are read; each seed's curve is linearly interpolated onto a common grid
+of ``x`` (up to the shortest run's last ``x``, so every point averages all seeds) and the mean and standard
+deviation (population, ``ddof=0``) over seeds are plotted as a line and a band. The final value of each seed
+is its last record; the table prints ``mean +- std (n=seeds)`` and the ``x`` each run reached.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+
+def read_curve(run_dir: str, x_key: str, y_key: str) -> Tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` of the records of ``RUN_DIR/metrics.jsonl`` holding both keys (finite values), sorted by x."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit("plot_seeds: '%s' has no metrics.jsonl." % run_dir)
+    xs, ys = [], []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            x, y = rec.get(x_key), rec.get(y_key)
+            if isinstance(x, (int, float)) and isinstance(y, (int, float)) and np.isfinite(y):
+                xs.append(float(x))
+                ys.append(float(y))
+    if not xs:
+        raise SystemExit("plot_seeds: no record of '%s' holds both '%s' and '%s'." % (path, x_key, y_key))
+    order = np.argsort(xs, kind="stable")
+    return np.asarray(xs)[order], np.asarray(ys)[order]
+
+
+def seed_band(curves: Sequence[Tuple[np.ndarray, np.ndarray]], points: int = 50):
+    """Common grid and mean/std over seeds of the interpolated curves."""
+    hi = min(float(c[0][-1]) for c in curves)
+    lo = max(float(c[0][0]) for c in curves)
+    grid = np.linspace(lo, hi, points) if hi > lo else np.array([hi])
+    vals = np.stack([np.interp(grid, x, y) for x, y in curves])
+    return grid, vals.mean(0), vals.std(0)
+
+
+def main(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("groups", nargs="+", help="LABEL=RUN_DIR[,RUN_DIR...]")
+    p.add_argument("--x", default="env_steps")
+    p.add_argument("--y", default="eval/return")
+    p.add_argument("--out", default=None, help="PNG path")
+    p.add_argument("--title", default="")
+    p.add_argument("--hline", action="append", default=[], help="LABEL=VALUE horizontal reference line")
+    a = p.parse_args(argv)
+    groups = {}  # type: Dict[str, List[str]]
+    for g in a.groups:
+        if "=" not in g:
+            raise SystemExit("plot_seeds: '%s' is not LABEL=RUN_DIR[,RUN_DIR...]." % g)
+        label, dirs = g.split("=", 1)
+        groups[label] = [d for d in dirs.split(",") if d]
+    print("| method | seeds | final %s (mean +- std) | %s reached |" % (a.y, a.x))
+    print("|---|---|---|---|")
+    bands = {}
+    for label, dirs in groups.items():
+        curves = [read_curve(d, a.x, a.y) for d in dirs]
+        finals = np.array([c[1][-1] for c in curves])
+        reached = sorted(int(c[0][-1]) for c in curves)
+        print("| %s | %d | %.3f +- %.3f | %s |" % (label, len(dirs), finals.mean(), finals.std(), reached))
+        bands[label] = seed_band(curves)
+    if a.out:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, (grid, mean, std) in bands.items():
+            n = len(groups[label])
+            ax.plot(grid, mean, label="%s (n=%d)" % (label, n))
+            ax.fill_between(grid, mean - std, mean + std, alpha=0.2)
+        for h in a.hline:
+            label, value = h.split("=", 1)
+            ax.axhline(float(value), ls="--", c="gray", lw=1)
+            ax.text(ax.get_xlim()[0], float(value), " " + label, va="bottom", fontsize=8, color="gray")
+        ax.set_xlabel(a.x)
+        ax.set_ylabel(a.y)
+        ax.set_title(a.title or a.y)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        fig.savefig(a.out, dpi=120)
+        print("wrote %s" % a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
