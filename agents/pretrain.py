@@ -195,7 +195,7 @@ class Pretrainer:
             diffs = config_differences(resume_ckpt.config_yaml, cfg)
             if diffs:
                 desc = "; ".join("%s: checkpoint %r, requested %r" % d for d in diffs)
-                raise DpftError("resume=true but the request differs from the checkpoint %s in keys that must not "
+                raise DpftError("resume=true but the request differs from the checkpoint '%s' in keys that must not "
                                 "change during a run: %s. Resume with the run's settings (only %s may change) or "
                                 "start a new run with a new out=."
                                 % (latest, desc, ", ".join(sorted(RESUME_MAY_CHANGE))))
@@ -290,7 +290,7 @@ class Pretrainer:
         saved_norm = ckpt.normalizer.state_dict()
         fitted = self.normalizer.state_dict()
         if set(saved_norm) != set(fitted) or any(not torch.equal(saved_norm[k], fitted[k]) for k in fitted):
-            raise DpftError("The normalization statistics fitted on %s differ from those in checkpoint %s: the "
+            raise DpftError("The normalization statistics fitted on '%s' differ from those in checkpoint '%s': the "
                             "dataset changed since the run started. Resume with the original file or start a new "
                             "run." % (self.cfg.dataset, ckpt.dir))
         ckpt_lib.load_state_strict(self.model, ckpt.model_state, os.path.join(ckpt.dir, ckpt_lib.MODEL_FILE))
@@ -298,16 +298,16 @@ class Pretrainer:
         step_info = ts.get("step") or {}
         if self.ema is not None:
             if ckpt.ema_state is None:
-                raise DpftError("Checkpoint %s has no ema.safetensors but ema_decay=%s; it was written with "
+                raise DpftError("Checkpoint '%s' has no ema.safetensors but ema_decay=%s; it was written with "
                                 "ema_decay=0." % (ckpt.dir, self.cfg.ema_decay))
             self.ema.load_state_dict(ckpt.ema_state, int(step_info.get("ema_step", ckpt.step)))
         if ts.get("optimizer") is None or ts.get("scheduler") is None:
-            raise DpftError("Checkpoint %s lacks optimizer.json/scheduler.json in training_state/; it cannot be "
+            raise DpftError("Checkpoint '%s' lacks optimizer.json/scheduler.json in training_state/; it cannot be "
                             "resumed exactly." % ckpt.dir)
         try:
             self.optimizer.load_state_dict(ts["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
-            raise DpftError("The optimizer state in %s does not fit the model (%s)." % (ckpt.dir, e)) from None
+            raise DpftError("The optimizer state in '%s' does not fit the model (%s)." % (ckpt.dir, e)) from None
         self.scheduler.load_state_dict(ts["scheduler"])
         self.step = int(ckpt.step)
         accs = step_info.get("accumulators") or []

@@ -606,7 +606,7 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise DpftError(
-            "Weights in %s do not match the model built from the checkpoint's config: %d missing key(s) %s, "
+            "Weights in '%s' do not match the model built from the checkpoint's config: %d missing key(s) %s, "
             "%d unexpected key(s) %s. The checkpoint was written by a different model definition or dpft "
             "version." % (source, len(missing), missing[:10], len(unexpected), unexpected[:10])
         )
@@ -614,7 +614,7 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
            if tuple(state[k].shape) != tuple(v.shape)]
     if bad:
         desc = ", ".join("%s: saved %s vs model %s" % b for b in bad[:10])
-        raise DpftError("Weights in %s have shapes that differ from the model built from the config: %s."
+        raise DpftError("Weights in '%s' have shapes that differ from the model built from the config: %s."
                         % (source, desc))
     model.load_state_dict(dict(state), strict=True)
 

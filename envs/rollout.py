@@ -561,7 +561,7 @@ def rollout_checkpoint(
     """
     path = os.fspath(checkpoint)
     if not os.path.exists(path):
-        raise DpftError("Checkpoint %s does not exist; pass a run directory (RUN_DIR, its latest checkpoint is "
+        raise DpftError("Checkpoint '%s' does not exist; pass a run directory (RUN_DIR, its latest checkpoint is "
                         "used) or a checkpoint directory (RUN_DIR/checkpoints/step_XXXXXXXX)." % path)
     if isinstance(num_envs, bool) or (num_envs is not None and int(num_envs) < 1):
         raise DpftError("rollout_checkpoint: num_envs must be >= 1, got %r." % (num_envs,))
@@ -580,7 +580,7 @@ def rollout_checkpoint(
     meta = policy.meta
     env_args = _meta_get(meta, "env_args")
     if not env_args:
-        raise DpftError("Checkpoint %s has no env_args in its meta.json (the training dataset had no "
+        raise DpftError("Checkpoint '%s' has no env_args in its meta.json (the training dataset had no "
                         "data.attrs['env_args']), so its env cannot be rebuilt; build the env yourself and call "
                         "dpft.envs.rollout.rollout(policy, env_fns, ...)." % path)
     if env_overrides:
