@@ -99,11 +99,14 @@ def test_misspelled_filter_key_lists_the_keys_present(tmp_path):
             "Use one of them, or data.train_filter_key=null") in str(e.value)
     with pytest.raises(DpftError, match="data.valid_filter_key='val' is not a filter key"):
         build_datasets(str(path), ["robot0_eef_pos", "object"], 4, 1, valid_filter_key="val")
-    # a file without filter keys splits by valid_ratio, as before
+    # a file without filter keys: the defaults (train/valid) fall back to a valid_ratio split, other names fail
     plain = tmp_path / "plain.hdf5"
     write_learnable_hdf5(plain)
-    _, valid, _, info = build_datasets(str(plain), ["robot0_eef_pos", "object"], 4, 1, train_filter_key="trian")
+    _, valid, _, info = build_datasets(str(plain), ["robot0_eef_pos", "object"], 4, 1)
     assert info["split"] == "ratio" and valid is not None
+    with pytest.raises(DpftError, match="train_filter_key='trian' is not a filter key of this file; the file has no "
+                                        "filter keys"):
+        build_datasets(str(plain), ["robot0_eef_pos", "object"], 4, 1, train_filter_key="trian")
 
 
 def _gym_file(path, length=20, demos=3, image=None):

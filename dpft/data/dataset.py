@@ -317,15 +317,18 @@ def build_datasets(
     cond_steps = _check_positive_int("cond_steps", cond_steps)
     names = list_demos(path)
     present = filter_key_names(path)
-    if present:  # a file with filter keys: a configured key it lacks is a typo, not "no split"
-        for option, key in (("data.train_filter_key", train_filter_key), ("data.valid_filter_key", valid_filter_key)):
-            if key is not None and key not in present:
-                raise DpftError(
-                    "'%s': %s='%s' is not a filter key of this file; filter keys present: [%s]. Use one of them, or "
-                    "%s=null to %s." % (os.path.expanduser(os.fspath(path)), option, key, ", ".join(sorted(present)),
-                                        option, "train on every demo not used for validation"
-                                        if option.startswith("data.train") else "split validation demos by "
-                                        "data.valid_ratio"))
+    # the default names are used when the file has them; any other name must exist (a typo is an error, not
+    # a silent "train on everything")
+    for option, key, default in (("data.train_filter_key", train_filter_key, "train"),
+                                 ("data.valid_filter_key", valid_filter_key, "valid")):
+        if key is not None and key != default and key not in present:
+            listed = ("filter keys present: [%s]" % ", ".join(present)) if present else \
+                "the file has no filter keys (no 'mask' group)"
+            raise DpftError(
+                "'%s': %s='%s' is not a filter key of this file; %s. Use one of them, or %s=null to %s."
+                % (os.path.expanduser(os.fspath(path)), option, key, listed, option,
+                   "train on every demo not used for validation" if default == "train"
+                   else "split validation demos by data.valid_ratio"))
     wanted = [k for k in (train_filter_key, valid_filter_key) if k is not None]
     filter_keys = read_filter_keys(path, names=wanted)
     split = split_demos(names, filter_keys, train_filter_key, valid_filter_key, valid_ratio, seed)
