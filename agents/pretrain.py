@@ -23,6 +23,20 @@ weights, EMA, optimizer, scheduler, RNG and step from the newest complete checkp
 killed at any moment and restarted with the same command plus ``resume=true`` ends with bit-identical
 weights (on CPU, same machine and thread count) to a run that was never interrupted.
 
+Run directory: before any data is read, ``out`` is opened with :func:`dpft.rundir.open_run_dir` (kind
+``pretrain``): created and write-checked, locked for the life of the process (a second run into it fails
+naming the holder's pid), a non-empty non-dpft directory is refused untouched, and a run that already holds a
+checkpoint needs ``resume=true`` (continue) or ``overwrite=true`` (delete it and start over).
+
+Resume rules: only :data:`RESUME_MAY_CHANGE` may differ from the checkpoint's config (run length and
+bookkeeping: ``steps``, ``save_every``, ``val_every``, ``log_every``, ``keep_checkpoints``, ``device``,
+``num_threads``, logging, ``progress``, the paths ``out``/``dataset`` -- the dataset's content is checked
+through the normalizer statistics). The LR schedule is fixed when the run starts: it spans the first run's
+``steps`` (``schedule_steps`` in step.json) and is never restarted. A smaller ``steps=`` stops early on that
+schedule; a larger one continues past its end at the final rate ``min_lr_ratio * lr`` and is refused when that
+rate is 0 (the default ``min_lr_ratio=0``), since the extra steps would not change the weights. ``resume=true``
+on a run killed before its first checkpoint starts at step 0.
+
 Data parallel: launched under ``torchrun --nproc_per_node N -m dpft.cli pretrain ...`` (env ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``), each rank trains on ``batch_size // N`` samples per step (``batch_size`` is
 the GLOBAL batch and must be divisible by N) drawn with its own generator; DistributedDataParallel averages
