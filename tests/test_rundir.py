@@ -170,3 +170,43 @@ def test_run_written_before_run_json_is_adopted(tmp_path):
     (other / "notes.txt").write_text("x")
     with pytest.raises(DpftError, match="is not a dpft run directory"):
         open_run_dir(str(other), "pretrain", resume=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty directory this process cannot write: chmod for a normal user, a read-only bind mount for root
+    (root ignores permission bits); skipped where neither is possible."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+        return
+    src = tmp_path / "ro_src"
+    src.mkdir()
+    ok = subprocess.run(["mount", "--bind", str(src), str(d)], capture_output=True).returncode == 0
+    if ok:
+        ok = subprocess.run(["mount", "-o", "remount,bind,ro", str(d)], capture_output=True).returncode == 0
+        if not ok:
+            subprocess.run(["umount", str(d)], capture_output=True)
+    if not ok:
+        pytest.skip("cannot make a read-only directory as root here (no bind mounts)")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], capture_output=True)
+
+
+def test_read_only_out_refused_before_any_work(read_only_dir, tmp_path, monkeypatch):
+    import dpft.agents.pretrain as P
+    from dpft.config import compose
+
+    monkeypatch.setattr(P, "build_datasets", lambda *a, **k: pytest.fail("data loaded before out= was checked"))
+    with pytest.raises(DpftError) as e:  # the (empty) directory itself
+        P.pretrain(compose("pretrain", ["dataset=%s" % (tmp_path / "missing.hdf5"), "out=%s" % read_only_dir]))
+    assert "out='%s' is not writable: creating '%s' failed: " % (read_only_dir, read_only_dir / LOCK_FILE) in str(e.value)
+    with pytest.raises(DpftError) as e:  # a run directory to be created inside it
+        P.pretrain(compose("pretrain", ["dataset=%s" % (tmp_path / "missing.hdf5"), "out=%s/run" % read_only_dir]))
+    assert "out='%s/run' cannot be created: " % read_only_dir in str(e.value)
+    assert os.listdir(read_only_dir) == []
