@@ -205,7 +205,15 @@ class Pretrainer:
                 print("dpft pretrain: resume=true but '%s' has no checkpoint yet (the run stopped before its first "
                       "save); starting at step 0." % self.out, flush=True)
         elif cfg.resume:
-            resume_ckpt = ckpt_lib.load_checkpoint(latest, training_state=True)
+            try:
+                resume_ckpt = ckpt_lib.load_checkpoint(latest, training_state=True)
+            except ckpt_lib.ChecksumError as e:
+                older = [c for c in ckpt_lib.list_checkpoints(self.out) if c != latest]
+                raise DpftError("resume=true: %s%s" % (
+                    str(e).split(" Restore the file")[0],
+                    (" To resume from the previous checkpoint (%s), delete '%s'." % (os.path.basename(older[-1]), latest))
+                    if older else " The run has no older checkpoint; restore the file or start over with "
+                    "overwrite=true.")) from None
             diffs = config_differences(resume_ckpt.config_yaml, cfg)
             if diffs:
                 desc = "; ".join("%s: checkpoint %r, requested %r" % d for d in diffs)

@@ -411,6 +411,14 @@ def checksum_tree(directory: str) -> Dict[str, str]:
     return out
 
 
+class ChecksumError(DpftError):
+    """A checkpoint file whose sha256 differs from the one recorded in meta.json (``.path``: the file)."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(message)
+        self.path = path
+
+
 class _Checksums:
     """The checksums recorded in a checkpoint's meta.json; ``None`` entries mean: do not verify."""
 
@@ -431,12 +439,13 @@ class _Checksums:
         expected = self.sums.get(rel)
         meta = os.path.join(self.dir, META_FILE)
         if expected is None:
-            raise DpftError("Checkpoint file '%s' has no checksum in '%s': it was not written with the checkpoint. "
-                            "Remove it, or load without verification (verify=False; CLI: --no-verify)." % (path, meta))
+            raise ChecksumError("Checkpoint file '%s' has no checksum in '%s': it was not written with the "
+                                "checkpoint. Remove it, or load without verification (verify=False; dpft rollout: "
+                                "--no-verify)." % (path, meta), path)
         if expected != digest:
-            raise DpftError("Checkpoint file '%s' is damaged: its sha256 is %s but '%s' recorded %s when it was "
-                            "written. Restore the file or use another checkpoint; to load it anyway pass "
-                            "verify=False (CLI: --no-verify)." % (path, digest, meta, expected))
+            raise ChecksumError("Checkpoint file '%s' is damaged: its sha256 is %s but '%s' recorded %s when it was "
+                                "written. Restore the file or use another checkpoint; to load it anyway pass "
+                                "verify=False (dpft rollout: --no-verify)." % (path, digest, meta, expected), path)
 
     def check_file(self, path: str) -> None:
         """Verify a file another module parses (hashes it separately)."""
@@ -624,5 +633,5 @@ __all__ = [
     "find_latest", "list_checkpoints", "resolve_checkpoint", "prune_checkpoints", "clean_stale_tmp",
     "step_dir_name", "write_text_atomic", "save_tensors", "read_tensors", "read_json",
     "split_optimizer_state", "join_optimizer_state", "is_checkpoint_dir", "verification", "checksum_tree",
-    "sha256_file", "CHECKSUMS_KEY",
+    "sha256_file", "CHECKSUMS_KEY", "ChecksumError",
 ]

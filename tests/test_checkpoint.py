@@ -349,7 +349,7 @@ def test_flipped_payload_byte_is_detected_and_named(tmp_path, rel):
     with pytest.raises(DpftError) as e:
         C.load_checkpoint(d, training_state=True)
     assert "Checkpoint file '%s' is damaged: its sha256 is" % os.path.join(d, rel) in str(e.value)
-    assert "verify=False (CLI: --no-verify)" in str(e.value)
+    assert "verify=False (dpft rollout: --no-verify)" in str(e.value)
     # the escape hatches load the damaged bytes as they are
     if rel != "training_state/rng.safetensors":
         ck = C.load_checkpoint(d, training_state=True, verify=False)

@@ -251,3 +251,17 @@ def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(DpftError, match=r"pip install dpft\[wandb\]"):
         MetricsLogger(str(tmp_path), use_wandb=True)
+
+
+def test_resume_from_damaged_checkpoint_names_file_and_the_way_out(learnable, tmp_path):
+    out = tmp_path / "run"
+    pretrain(compose("pretrain", small(learnable, out, steps=20, save_every=10)))
+    damaged = out / "checkpoints" / "step_00000020" / "training_state" / "optimizer.safetensors"
+    raw = bytearray(damaged.read_bytes())
+    raw[-1] ^= 1
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(DpftError) as e:
+        Pretrainer(compose("pretrain", small(learnable, out, "resume=true", steps=20, save_every=10)))
+    msg = str(e.value)
+    assert "resume=true: Checkpoint file '%s' is damaged: its sha256 is" % damaged in msg
+    assert "To resume from the previous checkpoint (step_00000010), delete '%s'." % damaged.parent.parent in msg
