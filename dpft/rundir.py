@@ -69,10 +69,12 @@ def is_run_dir(path: str) -> bool:
 
 
 def _looks_like_old_run(path: str, entries: List[str], known: Collection[str]) -> bool:
-    """A directory dpft wrote before run.json existed: only known names, and a checkpoints/ folder holding only
-    checkpoint names (step_*, latest, temporary .tmp-*)."""
+    """A directory dpft wrote before run.json existed: only known names, and (for a trainer's run, whose known
+    names include ``checkpoints``) a checkpoints/ folder holding only checkpoint names (step_*, latest, .tmp-*)."""
     if not entries or any(e not in known for e in entries):
         return False
+    if "checkpoints" not in known:
+        return True
     ck = os.path.join(path, "checkpoints")
     if "checkpoints" not in entries or not os.path.isdir(ck):
         return False

@@ -100,3 +100,16 @@ def test_killed_pretraining_resumes_and_foreign_out_refused(tmp_path, fakes):
     with pytest.raises(DpftError, match="is not empty and is not a dpft run directory"):
         quickstart(out=str(foreign))
     assert os.listdir(foreign) == ["notes.txt"]
+
+
+def test_quickstart_dir_written_before_stage_records_is_adopted_and_rerun(tmp_path, fakes):
+    from dpft.agents.quickstart import quickstart
+
+    out = tmp_path / "old"
+    (out / "rollout" / "videos").mkdir(parents=True)
+    (out / "rollout" / "videos" / "episode_005.mp4").write_bytes(b"old")
+    (out / "lift_demos.hdf5").write_bytes(b"old demos")
+    quickstart(out=str(out), demos=3, steps=2, episodes=1, videos=0)
+    # no record of the inputs: every stage re-runs, and nothing of the old rollout stays
+    assert [c[0] for c in fakes] == ["demos", "pretrain", "rollout"]
+    assert os.listdir(out / "rollout" / "videos") == []
