@@ -67,7 +67,7 @@ from dpft.data.hdf5 import resolve_obs_keys
 from dpft.ema import EMA
 from dpft.errors import DpftError
 from dpft.metrics import MetricsLogger, plot_loss_curve
-from dpft.models import build_policy_model
+from dpft.models import build_policy_model, policy_spec
 from dpft.rng import capture_rng_state, restore_rng_state, seed_everything
 from dpft.rundir import RunDir, open_run_dir
 from dpft.train_utils import (  # noqa: F401  (re-exported: older imports name them here)
@@ -291,6 +291,9 @@ class Pretrainer:
         return {
             "policy": str(cfg.policy.name),
             "policy_type": "gaussian" if cfg.policy.name == "gaussian_mlp" else "diffusion",
+            # (H-model) what dpft.load_policy builds from, without this run's config schema
+            "policy_kind": "gaussian" if cfg.policy.name == "gaussian_mlp" else "diffusion",
+            "policy_spec": policy_spec(cfg.policy),
             "obs_keys": list(info["obs_keys"]),
             "low_dim_keys": list(info["low_dim_keys"]),
             "image_keys": list(info["image_keys"]),

@@ -11,13 +11,30 @@ Extra keys are ignored. A policy without cameras also takes the concatenated low
 
 Processing: low-dim keys are concatenated in ``meta["low_dim_keys"]`` order and min-max normalized with
 the checkpoint's statistics (``"state"``), images stay uint8, the model samples a normalized chunk
-``(B, Ta, Da)`` under ``torch.no_grad`` in eval mode, and ``"action"`` is unnormalized. :meth:`Policy.act`
-returns the first ``act_steps`` actions, :meth:`Policy.predict_chunk` all ``horizon_steps``.
+``(B, Ta, Da)`` under ``torch.no_grad`` (the model's train/eval mode is left as it is; :func:`load_policy`
+builds it in eval mode), and ``"action"`` is unnormalized. :meth:`Policy.act` returns the first
+``act_steps`` actions, :meth:`Policy.predict_chunk` all ``horizon_steps``. Non-finite low-dim observations
+and an empty batch are refused with a :class:`~dpft.errors.DpftError` naming the key.
+
+``deterministic=True`` (the default, what evaluation and ``dpft rollout`` use): a Gaussian policy returns
+its mean; DDIM runs with eta = 0 (no noise after the initial ``x_K``); DDPM floors every step's std at 1e-3
+and adds no noise at the last step (DPPO's evaluation mode). A diffusion policy still draws its initial
+noise ``x_K``, so pass ``generator=`` or ``seed=`` for repeatable actions. A fine-tuned DPPO checkpoint
+acts as DPPO evaluates it: the frozen base for the early steps, the fine-tuned copy for the last ``K'``.
+
+Loading (:func:`load_policy`) builds the model from the checkpoint's metadata alone: ``meta["policy_kind"]``
+(``"diffusion"``/``"gaussian"``, or a kind registered with :func:`register_policy_kind`, such as
+``"residual"``) and ``meta["policy_spec"]`` (:func:`dpft.models.policy_spec`, including
+``ft_denoising_steps`` and the DDIM settings). Checkpoints written before ``policy_spec`` existed are rebuilt
+from their ``config.yaml``. Every policy object has ``meta``, ``act(obs, deterministic=True, generator=None)``
+and ``reset(rows=None)``: the rollout calls ``reset(rows)`` for the env rows whose episode starts. A policy
+with ``stateful = True`` (per-episode state, e.g. residual PPO's base-chunk cache) is always given all env
+rows by the rollout, so row ``i`` is env ``i``; :class:`Policy` is stateless and ``reset`` does nothing.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -81,6 +98,8 @@ class Policy:
 
     # ------------------------------------------------------------------ observations
     def _check_batch(self, b: Optional[int], key: str, arr_b: int) -> int:
+        if arr_b == 0:
+            raise DpftError("The observation batch is empty (B = 0, key '%s'); pass at least one observation." % key)
         if b is not None and arr_b != b:
             raise DpftError("Observation '%s' has batch size %d but earlier keys have %d; all keys need the same "
                             "batch size B." % (key, arr_b, b))
@@ -134,7 +153,7 @@ class Policy:
             parts.append(torch.as_tensor(x) if isinstance(x, np.ndarray) else x)
         if parts:  # keys may arrive as a mix of numpy arrays and (CUDA) tensors: one device, one dtype
             state = torch.cat([p.to(self.device, torch.float32) for p in parts], dim=-1)
-            out["state"] = self._state_tensor(state)
+            out["state"] = self._state_tensor(state, self.low_dim_keys, [int(p.shape[-1]) for p in parts])
         for key in self.image_keys:
             shape = self.obs_shapes[key]
             x = self._history(_as_array(obs[key], key), key, shape)
@@ -146,18 +165,52 @@ class Policy:
             out[key] = t.to(self.device)
         return out
 
-    def _state_tensor(self, state: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    def _state_tensor(self, state: Union[np.ndarray, torch.Tensor], keys: Optional[Sequence[str]] = None,
+                      widths: Optional[Sequence[int]] = None) -> torch.Tensor:
         t = torch.as_tensor(state) if isinstance(state, np.ndarray) else state
         t = t.to(device=self.device, dtype=torch.float32)
+        if t.shape[0] == 0:
+            raise DpftError("The observation batch is empty (B = 0); pass at least one observation.")
+        if not bool(torch.isfinite(t).all()):
+            keys = list(keys) if keys is not None else ["state"]
+            widths = list(widths) if widths is not None else [t.shape[-1]]
+            bad, start = [], 0
+            for key, w in zip(keys, widths):
+                part = t[..., start:start + w]
+                start += w
+                if not bool(torch.isfinite(part).all()):
+                    rows = torch.nonzero(~torch.isfinite(part).reshape(part.shape[0], -1).all(dim=1)).reshape(-1)
+                    bad.append("'%s' (batch rows %s)" % (key, rows[:5].tolist()))
+            raise DpftError("Observation %s contains NaN or Inf; the policy needs finite observations (an env that "
+                            "returns them should cut the episode)." % ", ".join(bad))
         if self.obs_dim > 0:
             t = self.normalizer.normalize("state", t)
         return t
 
     # ------------------------------------------------------------------ acting
+    stateful = False  # no per-episode state: reset() is a no-op and any batch of rows may be passed
+
+    def reset(self, rows: Optional[Sequence[int]] = None) -> None:
+        """Episodes start for env ``rows`` (all when None). Stateless policy: nothing to do."""
+
+    @staticmethod
+    def _generator(generator: Optional[torch.Generator], seed: Optional[int]) -> Optional[torch.Generator]:
+        if seed is None:
+            return generator
+        if generator is not None:
+            raise DpftError("Pass either generator= or seed= to act/predict_chunk, not both.")
+        return torch.Generator().manual_seed(int(seed))
+
     @torch.no_grad()
-    def predict_chunk(self, obs: ObsLike, deterministic: bool = True,
-                      generator: Optional[torch.Generator] = None) -> np.ndarray:
-        """The whole predicted chunk, unnormalized: ``np.ndarray float32 (B, horizon_steps, Da)``."""
+    def predict_chunk(self, obs: ObsLike, deterministic: bool = True, generator: Optional[torch.Generator] = None,
+                      seed: Optional[int] = None) -> np.ndarray:
+        """The whole predicted chunk, unnormalized: ``np.ndarray float32 (B, horizon_steps, Da)``.
+
+        ``generator`` (a ``torch.Generator``, advanced by the call) or ``seed`` (a fresh generator seeded with
+        it: the same call gives the same actions) drives the sampling noise; see the module docstring for
+        what ``deterministic`` means.
+        """
+        generator = self._generator(generator, seed)
         model_obs = self.normalize_obs(obs)
         actions = self.model.sample(model_obs, deterministic=deterministic, generator=generator)[0]
         # the training data spans [-1, 1] after normalization; a stochastic Gaussian sample may step outside it
@@ -165,10 +218,13 @@ class Policy:
         actions = self.normalizer.unnormalize("action", actions.clamp(-1.0, 1.0))
         return actions.detach().to("cpu", torch.float32).numpy()
 
-    def act(self, obs: ObsLike, deterministic: bool = True,
-            generator: Optional[torch.Generator] = None) -> np.ndarray:
-        """Actions to execute: the first ``act_steps`` of the chunk, ``np.ndarray float32 (B, act_steps, Da)``."""
-        return self.predict_chunk(obs, deterministic, generator)[:, : self.act_steps]
+    def act(self, obs: ObsLike, deterministic: bool = True, generator: Optional[torch.Generator] = None,
+            seed: Optional[int] = None) -> np.ndarray:
+        """Actions to execute: the first ``act_steps`` of the chunk, ``np.ndarray float32 (B, act_steps, Da)``.
+
+        ``deterministic``, ``generator`` and ``seed`` as in :meth:`predict_chunk`.
+        """
+        return self.predict_chunk(obs, deterministic, generator, seed)[:, : self.act_steps]
 
     def describe(self) -> Dict[str, Any]:
         """What is being evaluated (for rollout result files): weights, checkpoint, step, policy, horizons."""
@@ -202,6 +258,29 @@ def build_model_from_meta(config: Any, meta: Mapping[str, Any]) -> nn.Module:
                                   int(meta["action_dim"]), int(meta["horizon_steps"]), int(meta["cond_steps"]))
 
 
+#: ``meta["policy_kind"]`` -> builder(ckpt: Checkpoint, weights: str, device) -> policy object with ``meta``,
+#: ``act(obs, deterministic=True, generator=None)`` and ``reset(rows=None)``; kinds not listed here
+#: ("diffusion", "gaussian", and checkpoints without the key) are built by :func:`load_policy` itself.
+POLICY_KINDS = {}  # type: Dict[str, Any]
+_KIND_MODULES = {"residual": "dpft.rl.residual", "idql": "dpft.rl.idql"}
+
+
+def register_policy_kind(kind: str, builder: Any) -> None:
+    """Make :func:`load_policy` build checkpoints whose ``meta["policy_kind"] == kind`` with ``builder``."""
+    POLICY_KINDS[str(kind)] = builder
+
+
+def build_model_from_spec(meta: Mapping[str, Any]) -> nn.Module:
+    """The model of ``meta["policy_spec"]`` (a resolved :func:`dpft.models.policy_spec`, written by fine-tuning
+    runs; it includes ``ft_denoising_steps`` and the sampling settings), built from the metadata alone."""
+    from dpft.models import build_policy_model
+
+    with torch.random.fork_rng(devices=[]):
+        return build_policy_model(dict(meta["policy_spec"]), meta["obs_shapes"], int(meta["obs_dim"]),
+                                  list(meta["image_keys"]), int(meta["action_dim"]), int(meta["horizon_steps"]),
+                                  int(meta["cond_steps"]))
+
+
 def load_policy(path: Any, weights: str = "ema", device: Union[str, torch.device] = "cpu") -> Policy:
     """Rebuild a :class:`Policy` from a run directory, its ``checkpoints/`` folder or a checkpoint directory.
 
@@ -218,12 +297,28 @@ def load_policy(path: Any, weights: str = "ema", device: Union[str, torch.device
         raise DpftError("weights=%r is not known; expected 'ema' (the EMA average, default) or 'model' (the live "
                         "training weights)." % (weights,))
     ckpt = load_checkpoint(path, training_state=False, ema=weights == "ema")
+    kind = ckpt.meta.get("policy_kind")
+    if kind in POLICY_KINDS:
+        return POLICY_KINDS[kind](ckpt, weights, device)
+    if kind is not None and kind not in ("diffusion", "gaussian"):
+        if kind in _KIND_MODULES:  # the module that registers the kind, imported on first use
+            import importlib
+
+            importlib.import_module(_KIND_MODULES[kind])
+        if kind in POLICY_KINDS:
+            return POLICY_KINDS[kind](ckpt, weights, device)
+        raise DpftError("Checkpoint '%s' holds a policy of kind %r, which this dpft does not know (known: diffusion, "
+                        "gaussian, %s)." % (ckpt.dir, kind, ", ".join(sorted(POLICY_KINDS)) or "none registered"))
     missing = [k for k in _REQUIRED_META if k not in ckpt.meta]
     if missing:
         raise DpftError("Checkpoint file '%s' lacks %s; it was not written by dpft pretrain."
                         % (os.path.join(ckpt.dir, "meta.json"), missing))
-    config = from_yaml_text(ckpt.config_yaml, PretrainConfig, source=os.path.join(ckpt.dir, "config.yaml"))
-    model = build_model_from_meta(config, ckpt.meta)
+    if "policy_spec" in ckpt.meta:  # fine-tuned (or spec-carrying) checkpoints: rebuilt from meta alone
+        config = None
+        model = build_model_from_spec(ckpt.meta)
+    else:
+        config = from_yaml_text(ckpt.config_yaml, PretrainConfig, source=os.path.join(ckpt.dir, "config.yaml"))
+        model = build_model_from_meta(config, ckpt.meta)
     used = weights
     if weights == "ema" and ckpt.ema_state is not None:
         load_state_strict(model, ckpt.ema_state, os.path.join(ckpt.dir, EMA_FILE))
@@ -234,4 +329,5 @@ def load_policy(path: Any, weights: str = "ema", device: Union[str, torch.device
                   device=device)
 
 
-__all__ = ["Policy", "load_policy", "build_model_from_meta", "WEIGHTS"]
+__all__ = ["Policy", "load_policy", "build_model_from_meta", "build_model_from_spec", "register_policy_kind",
+           "POLICY_KINDS", "WEIGHTS"]

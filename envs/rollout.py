@@ -211,8 +211,18 @@ class _Actor:
             self.kwargs["generator"] = generator
 
     def __call__(self, obs: ObsDict, rows: Optional[np.ndarray], n_rows: int) -> np.ndarray:
+        if rows is not None and getattr(self.policy, "stateful", False):  # (H-model) row i stays env i
+            full = _act(self.policy, obs, self.keys, None, len(next(iter(obs.values()))), self.act_steps,
+                        self.action_dim, self.kwargs, self.timer)
+            return full[rows]
         return _act(self.policy, obs, self.keys, rows, n_rows, self.act_steps, self.action_dim, self.kwargs,
                     self.timer)
+
+    def reset(self, rows: Optional[Sequence[int]] = None) -> None:
+        """(H-model) Episodes start in env ``rows`` (None = all): ``policy.reset(rows)`` when it has one."""
+        reset = getattr(self.policy, "reset", None)
+        if reset is not None:
+            reset(None if rows is None else [int(i) for i in rows])
 
 
 def _act(policy: Any, obs: ObsDict, keys: List[str], rows: Optional[np.ndarray], n_rows: int, act_steps: int,
@@ -244,6 +254,7 @@ def _run_scheduled(actor: _Actor, env: VectorEnv, rec: _Recorder, video_size: Tu
             env.set_recording(i, want, size=video_size, camera=camera)
     obs = env.reset([seed + i for i in range(n)])
     timer.add("sim", t0)
+    actor.reset(None)
     next_episode = min(n, episodes)
     while len(rec.records) < episodes:
         rows = np.array([i for i in range(n) if running[i] is not None], dtype=np.int64)
@@ -286,6 +297,8 @@ def _run_scheduled(actor: _Actor, env: VectorEnv, rec: _Recorder, video_size: Tu
                 next_episode += 1
         obs = env.reset_envs(reset_idx, reset_seeds) if reset_idx else res.obs
         timer.add("sim", t0)
+        if reset_idx:
+            actor.reset(reset_idx)
 
 
 def _run_waves(actor: _Actor, env: BatchedEnv, rec: _Recorder, timer: _Timer) -> None:
@@ -298,6 +311,7 @@ def _run_waves(actor: _Actor, env: BatchedEnv, rec: _Recorder, timer: _Timer) ->
         t0 = time.perf_counter()
         obs = env.reset([seed + start + i for i in range(n)])
         timer.add("sim", t0)
+        actor.reset(None)
         ret = np.zeros(n)
         length = np.zeros(n, dtype=np.int64)
         open_envs = set(range(count))
@@ -328,6 +342,9 @@ def _run_waves(actor: _Actor, env: BatchedEnv, rec: _Recorder, timer: _Timer) ->
                 raise DpftError("Env(s) %s ran %d chunks without ending their episode; the batched env must report "
                                 "truncated=True at its time limit." % (sorted(open_envs), chunks))
             obs = res.obs
+            ended = np.nonzero(np.asarray(res.done))[0]
+            if open_envs and len(ended):  # (H-model) auto-reset envs started new episodes
+                actor.reset(ended)
         start += count
 
 

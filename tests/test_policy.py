@@ -205,3 +205,139 @@ def test_acting_leaves_the_model_mode_alone(run):
     policy.model.train()  # a trainer sharing the model switched it to training mode
     policy.act({k: v[:2] for k, v in run["obs"].items()})
     assert policy.model.training
+
+
+# ---------------------------------------------------------------- building from metadata, registry, act contract
+
+
+def test_load_policy_builds_from_meta_alone(run, tmp_path):
+    from dpft.models import policy_spec
+
+    ckpt = load_checkpoint(run["out"])
+    assert ckpt.meta["policy_kind"] == "diffusion"
+    assert ckpt.meta["policy_spec"] == policy_spec(dict(name="diffusion_mlp", mlp_dims=[64, 64, 64], denoising_steps=5))
+    from dpft.checkpoint import save_checkpoint
+
+    d = str(tmp_path / "other")  # config.yaml that is not a PretrainConfig: must not matter
+    save_checkpoint(d, 100, ckpt.model_state, ckpt.ema_state, ckpt.normalizer, ckpt.meta,
+                    "iterations: 3\nagent: {name: dppo}\n")
+    policy = dpft.load_policy(d)
+    ref = dpft.load_policy(run["out"])
+    obs = {k: v[:4] for k, v in run["obs"].items()}
+    np.testing.assert_array_equal(policy.act(obs, seed=1), ref.act(obs, seed=1))
+
+
+def _write_finetuned(run_dir, out, use_ddim):
+    """A fine-tuned checkpoint as a fine-tuning run writes it: base + ft weights, spec with K' and DDIM."""
+    from dpft.checkpoint import save_checkpoint
+    from dpft.models import build_policy_model
+
+    ckpt = load_checkpoint(run_dir)
+    meta = dict(ckpt.meta)
+    spec = dict(meta["policy_spec"], ft_denoising_steps=2)
+    if use_ddim:
+        spec.update(use_ddim=True, ddim_steps=5)
+    meta.update(policy_spec=spec, ft_denoising_steps=2, use_ddim=use_ddim)
+    model = build_policy_model(spec, meta["obs_shapes"], meta["obs_dim"], meta["image_keys"], meta["action_dim"],
+                               meta["horizon_steps"], meta["cond_steps"])
+    base = {k: v for k, v in ckpt.ema_state.items()}
+    state = dict(base)
+    for k, v in base.items():  # the fine-tuned copy moved away from the base
+        state["ft_" + k if k.startswith("network.") else k] = v
+    state.update({"ft_" + k: v * 1.05 for k, v in base.items() if k.startswith("network.")})
+    model.load_state_dict(state)
+    save_checkpoint(out, 7, model.state_dict(), None, ckpt.normalizer, meta, "iterations: 1\n")
+    return model, ckpt
+
+
+@pytest.mark.parametrize("use_ddim", [False, True])
+def test_finetuned_diffusion_policy_acts_as_dppo_evaluates(run, tmp_path, use_ddim):
+    out = str(tmp_path / "ft")
+    model, ckpt = _write_finetuned(run["out"], out, use_ddim)
+    policy = dpft.load_policy(out)  # no EMA in the checkpoint: the live weights
+    assert policy.weights == "model" and policy.model.ft_denoising_steps == 2
+    assert policy.model.use_ddim == use_ddim and policy.model.ft_network is not None
+    obs = {k: v[:6] for k, v in run["obs"].items()}
+    got = policy.act(obs, seed=3)
+    # independently: deterministic stepping, base network for steps < N-2, ft network for the last 2
+    model.eval()
+    model_obs = policy.normalize_obs(obs)
+    gen = torch.Generator().manual_seed(3)
+    cond = model.encode(model_obs)
+    n = model.num_sampling_steps
+    x = torch.randn(6, 4, 4, generator=gen)
+    with torch.no_grad():
+        for i in range(n):
+            mean, std = model.step_distribution(x, i, cond, deterministic=True)
+            x = mean if (use_ddim or i == n - 1) else mean + std * torch.randn(x.shape, generator=gen).clamp(-10, 10)
+    expected = policy.normalizer.unnormalize("action", x.clamp(-1, 1))[:, :2].numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    base_only = dpft.load_policy(run["out"]).act(obs, seed=3)
+    assert not np.allclose(got, base_only, atol=1e-3)  # the fine-tuned steps change the actions
+
+
+def test_register_policy_kind_and_unknown_kind(run, tmp_path):
+    from dpft.checkpoint import save_checkpoint
+    from dpft.policy import POLICY_KINDS, register_policy_kind
+
+    ckpt = load_checkpoint(run["out"])
+    out = str(tmp_path / "odd")
+    save_checkpoint(out, 1, ckpt.model_state, None, ckpt.normalizer, dict(ckpt.meta, policy_kind="odd"), "x: 1\n")
+    with pytest.raises(DpftError, match="kind 'odd'"):
+        dpft.load_policy(out)
+    seen = []
+    register_policy_kind("odd", lambda c, weights, device: seen.append((c.meta["step"], weights, device)) or "built")
+    try:
+        assert dpft.load_policy(out, weights="model") == "built" and seen == [(1, "model", "cpu")]
+    finally:
+        POLICY_KINDS.pop("odd", None)
+
+
+def test_act_contract_seed_nan_and_empty_batch(run):
+    policy = dpft.load_policy(run["out"])
+    obs = {k: v[:3].copy() for k, v in run["obs"].items()}
+    a = policy.act(obs, deterministic=False, seed=5)
+    np.testing.assert_array_equal(policy.act(obs, deterministic=False, seed=5), a)
+    np.testing.assert_array_equal(policy.act(obs, deterministic=False, generator=torch.Generator().manual_seed(5)), a)
+    assert not np.array_equal(policy.act(obs, deterministic=False, seed=6), a)
+    with pytest.raises(DpftError, match="either generator= or seed="):
+        policy.act(obs, seed=1, generator=torch.Generator())
+    bad = dict(obs, object=obs["object"].copy())
+    bad["object"][1, 0] = np.nan
+    with pytest.raises(DpftError, match=r"'object' \(batch rows \[1\]\) contains NaN or Inf"):
+        policy.act(bad)
+    bad["object"][1, 0] = np.inf
+    with pytest.raises(DpftError, match="'object'"):
+        policy.act(bad)
+    with pytest.raises(DpftError, match="B = 0"):
+        policy.act({k: v[:0] for k, v in obs.items()})
+    policy.reset()  # stateless: a no-op
+    policy.reset([0, 2])
+    assert policy.stateful is False
+
+
+def test_rollout_resets_stateful_policies_and_gives_them_every_env_row():
+    import functools
+
+    from dpft.envs.fake_env import FakeEnv, ScriptedReachPolicy
+    from dpft.envs.rollout import rollout
+
+    class Stateful(ScriptedReachPolicy):
+        stateful = True
+
+        def __init__(self):
+            super().__init__(act_steps=4)
+            self.resets = []
+
+        def reset(self, rows=None):
+            self.resets.append(None if rows is None else list(rows))
+
+    env_fns = [functools.partial(FakeEnv, max_episode_steps=12, terminate_on_success=True)] * 3
+    plain = rollout(ScriptedReachPolicy(), env_fns, episodes=7, seed=20, mode="inline", progress=False)
+    pol = Stateful()
+    res = rollout(pol, env_fns, episodes=7, seed=20, mode="inline", progress=False)
+    assert [e["return"] for e in res["episodes"]] == [e["return"] for e in plain["episodes"]]
+    assert pol.resets[0] is None  # all envs start
+    restarted = [r for rows in pol.resets[1:] for r in rows]
+    assert len(restarted) == 7 - 3 and set(restarted) <= {0, 1, 2}
+    assert set(pol.batch_sizes) == {3}  # always all env rows, also when some envs are idle
