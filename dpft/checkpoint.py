@@ -231,6 +231,16 @@ def _save_training_state(directory: str, training_state: Mapping[str, Any]) -> N
         _write_json(os.path.join(directory, "optimizer.json"), rest)
     if training_state.get("scheduler") is not None:
         _write_json(os.path.join(directory, "scheduler.json"), _encode(training_state["scheduler"], "scheduler state"))
+    # RL trainers: several named optimizers, named tensor groups (critic weights, running statistics, replay
+    # buffers) and named JSON objects (scheduler states, counters); names are listed in step.json.
+    for name, state in (training_state.get("optimizers") or {}).items():
+        tensors, rest = split_optimizer_state(state)
+        save_tensors(os.path.join(directory, "optimizer_%s.safetensors" % name), tensors)
+        _write_json(os.path.join(directory, "optimizer_%s.json" % name), rest)
+    for name, tensors in (training_state.get("tensors") or {}).items():
+        save_tensors(os.path.join(directory, "tensors_%s.safetensors" % name), dict(tensors))
+    for name, obj in (training_state.get("json") or {}).items():
+        _write_json(os.path.join(directory, "json_%s.json" % name), _encode(obj, "training state '%s'" % name))
     for rank, rng in enumerate(training_state.get("rng") or []):
         name = "rng" if rank == 0 else "rng_rank%d" % rank
         save_rng_state(directory, name=name, state=rng)
@@ -238,6 +248,9 @@ def _save_training_state(directory: str, training_state: Mapping[str, Any]) -> N
         _fsync_file(os.path.join(directory, name + ".json"))
     step_info = dict(training_state.get("step") or {})
     step_info["num_rng_states"] = len(training_state.get("rng") or [])
+    for group in ("optimizers", "tensors", "json"):
+        if training_state.get(group):
+            step_info["_%s" % group] = sorted(training_state[group])
     _write_json(os.path.join(directory, "step.json"), _encode(step_info, "step.json"))
     _fsync_dir(directory)
 
@@ -265,7 +278,8 @@ def save_checkpoint(
         config_yaml: the resolved config as YAML text.
         training_state: None for weights only, else a dict with ``"optimizer"``, ``"scheduler"`` (state
             dicts), ``"rng"`` (list of :data:`dpft.rng.RngState`, one per DDP rank) and ``"step"`` (dict
-            written to step.json).
+            written to step.json); RL trainers add ``"optimizers"`` ({name: optimizer state_dict}),
+            ``"tensors"`` ({name: {key: Tensor}}) and ``"json"`` ({name: JSON-ready object}).
         keep: newest checkpoints kept (0 = all).
 
     Returns the checkpoint directory.
@@ -565,6 +579,13 @@ def load_training_state(ckpt_dir: str, verify: Optional[bool] = None,
                                                 read_json(os.path.join(d, "optimizer.json"), checksums))
     if os.path.exists(os.path.join(d, "scheduler.json")):
         out["scheduler"] = _decode(read_json(os.path.join(d, "scheduler.json"), checksums))
+    out["optimizers"] = {n: join_optimizer_state(read_tensors(os.path.join(d, "optimizer_%s.safetensors" % n), checksums),
+                                                 read_json(os.path.join(d, "optimizer_%s.json" % n), checksums))
+                         for n in step_info.pop("_optimizers", [])}
+    out["tensors"] = {n: read_tensors(os.path.join(d, "tensors_%s.safetensors" % n), checksums)
+                      for n in step_info.pop("_tensors", [])}
+    out["json"] = {n: _decode(read_json(os.path.join(d, "json_%s.json" % n), checksums))
+                   for n in step_info.pop("_json", [])}
     rngs = []  # type: List[RngState]
     for rank in range(int(step_info.get("num_rng_states", 0))):
         name = "rng" if rank == 0 else "rng_rank%d" % rank

@@ -6,6 +6,7 @@ Commands (options are Hydra-style ``key=value`` overrides of ``cfg/<command>.yam
   dpft demos task=lift num=50 out=FILE.hdf5      scripted-expert demonstrations in robosuite
   dpft demos policy=RUN_DIR num=50 out=FILE.hdf5 record a checkpoint's rollouts (gym or robosuite)
   dpft pretrain dataset=FILE.hdf5 out=RUN_DIR    behaviour cloning of a diffusion or Gaussian policy
+  dpft finetune agent=dppo checkpoint=RUN_DIR out=FT_DIR   RL fine-tuning (dppo | ppo; ppo also from scratch)
   dpft rollout checkpoint=RUN_DIR episodes=20    run a checkpoint, score it, write videos
   dpft quickstart                                demos -> pretrain -> rollout on Lift in one go
   dpft info                                      versions and rendering backend (paste into bug reports)
@@ -31,6 +32,9 @@ def _schema_help(command: str, summary: str, examples: List[str]) -> str:
     lines += ["  " + e for e in examples]
     lines += ["", "Options (key, default, meaning):"]
     lines += describe_schema(SCHEMAS[command])
+    if command == "finetune":
+        lines += ["", "Config groups: agent=dppo | ppo (cfg/agent/*.yaml); preset=<agent>_<family> (cfg/preset/*.yaml) is",
+                  "chosen from the checkpoint's env family (robomimic, gym, furniture; scratch with env=) unless given."]
     if command == "pretrain":
         lines += ["", "Config groups: policy=diffusion_mlp | diffusion_unet | gaussian_mlp (cfg/policy/*.yaml).",
                   "Data-parallel: torchrun --nproc_per_node N $(which dpft) pretrain ... (batch_size is global)."]
@@ -53,6 +57,15 @@ HELP = {
         ["dpft demos task=lift num=50 out=data/lift.hdf5",
          "dpft demos task=can num=100 out=data/can_noisy.hdf5 noise=0.5 seed=1",
          "dpft demos policy=runs/hopper_ppo num=50 out=data/hopper_medium.hdf5 noise=0.2 envs=4"],
+    ),
+    "finetune": (
+        "Fine-tune a pretrained checkpoint with RL in the env rebuilt from its metadata (DPPO for diffusion, PPO for "
+        "Gaussian policies), or train a Gaussian policy from scratch with env=TASK.",
+        ["dpft finetune agent=dppo checkpoint=runs/lift out=runs/lift_dppo iterations=50 envs=10",
+         "dpft finetune agent=ppo checkpoint=runs/lift_gauss out=runs/lift_ppo",
+         "dpft finetune agent=ppo env=hopper out=runs/hopper_ppo iterations=488   # CleanRL-style, ~1M steps",
+         "dpft finetune agent=dppo checkpoint=runs/lift out=runs/lift_dppo resume=true   # continue exactly",
+         "dpft finetune agent=dppo checkpoint=runs/lift out=runs/x agent.ft_denoising_steps=5 agent.clip_coef=0.02"],
     ),
     "rollout": (
         "Roll out a checkpoint in the environment rebuilt from its metadata; print and write result.json.",
@@ -128,6 +141,46 @@ def cmd_pretrain(args: List[str]) -> int:
 
     pretrain(cfg)  # prints where the final checkpoint and loss curve are
     return 0
+
+
+def cmd_finetune(args: List[str]) -> int:
+    cfg = _compose_or_help("finetune", _with_preset(args))
+    if cfg is None:
+        return 0
+    from dpft.agents.finetune import finetune
+
+    finetune(cfg)  # prints the final evaluation, checkpoint and curves
+    return 0
+
+
+def _with_preset(args: List[str]) -> List[str]:
+    """Add ``preset=<agent>_<family>`` (cfg/preset/) from the checkpoint's env family (``scratch`` with ``env=``)
+    unless ``preset=`` is given or no such preset exists; help/show-config requests pass through."""
+    if any(a.startswith("preset=") or a in ("-h", "--help") for a in args):
+        return args
+    opts = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+    agent = opts.get("agent", "dppo")
+    family = None
+    if opts.get("env") not in (None, "", "null"):
+        family = "scratch"
+    elif opts.get("checkpoint"):
+        try:
+            from dpft.checkpoint import read_json, resolve_checkpoint
+            from dpft.envs.registry import env_kind
+
+            meta = read_json(os.path.join(resolve_checkpoint(opts["checkpoint"]), "meta.json"))
+            family = {"robosuite": "robomimic"}.get(env_kind(meta.get("env_args") or {}), None) or env_kind(
+                meta.get("env_args") or {})
+        except DpftError:
+            family = None  # the trainer reports the bad checkpoint with its own message
+    if family is None:
+        return args
+    from dpft.config import config_dir
+
+    name = "%s_%s" % (agent, family)
+    if os.path.isfile(os.path.join(config_dir(), "preset", name + ".yaml")):
+        return ["preset=" + name] + list(args)
+    return args
 
 
 def _pop_option(args: List[str], key: str):
@@ -227,6 +280,7 @@ COMMANDS: Dict[str, Callable[[List[str]], int]] = {
     "data": cmd_data,
     "demos": cmd_demos,
     "pretrain": cmd_pretrain,
+    "finetune": cmd_finetune,
     "rollout": cmd_rollout,
     "quickstart": cmd_quickstart,
     "info": cmd_info,

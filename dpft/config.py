@@ -538,3 +538,10 @@ def quote_string_overrides(overrides: List[str], schema: type) -> List[str]:
                 o = "%s%s=%s" % (m.group(1), m.group(2), _hydra_quote(value))
         out.append(o)
     return out
+
+
+# ``dpft finetune`` (RL) keeps its schema beside the RL code; registered here so compose("finetune") and
+# `dpft finetune --help` find it like the other commands.
+from dpft.rl.config import FinetuneConfig  # noqa: E402
+
+SCHEMAS["finetune"] = FinetuneConfig

@@ -22,7 +22,8 @@ cp -r "$ROOT" "$TMP/src" && rm -rf "$TMP/src/.venv" "$TMP/src/.git"
 (cd "$TMP" && "$TMP/venv/bin/python" - <<'PY'
 import sys
 from dpft.config import SCHEMAS, compose, to_object
-required = {"pretrain": ["dataset=a.hdf5", "out=r"], "demos": ["out=a.hdf5"], "rollout": ["checkpoint=r"]}
+required = {"pretrain": ["dataset=a.hdf5", "out=r"], "demos": ["out=a.hdf5"], "rollout": ["checkpoint=r"],
+            "finetune": ["env=hopper", "agent=ppo", "out=r"]}
 for name in SCHEMAS:
     to_object(compose(name, required.get(name, [])))
 for policy in ("diffusion_mlp", "diffusion_unet", "gaussian_mlp"):

@@ -1,0 +1,447 @@
+"""``dpft finetune``: the one RL training loop shared by every agent.
+
+    from dpft.config import compose
+    from dpft.agents.finetune import finetune
+    finetune(compose("finetune", ["agent=dppo", "checkpoint=runs/lift", "out=runs/lift_dppo"]))
+
+One iteration (``iterations`` of them):
+
+1. reset every env from seeds derived from (``seed``, iteration) (``reset_at_iteration=true``; the cut episodes
+   are bootstrapped as truncations, so nothing is lost but partial episodes), which makes a resumed run redo
+   exactly what an uninterrupted one does;
+2. collect ``n_steps`` action chunks from each of the ``envs`` envs (:class:`~dpft.agents.collector.OnPolicyCollector`);
+3. ``agent.update(rollout)`` (returns, advantages, epochs x minibatches; :mod:`dpft.agents.onpolicy`);
+4. every ``eval_every`` iterations, after the last one and once before the first: evaluate the current policy
+   deterministically on ``eval_episodes`` episodes with seeds ``eval_seed + i`` (the same episodes every time)
+   through :func:`dpft.envs.rollout.rollout` -- the exact policy a saved checkpoint gives ``dpft rollout``;
+5. log one metrics.jsonl record (env steps, train/eval success and return, losses, KL, time split) and checkpoint
+   every ``save_every`` iterations (atomic; weights, critic, optimizers, schedulers, reward scaler, observation
+   statistics, sampler RNG, iteration and env-step counters).
+
+The Agent interface (an agent is its loss and its update; see :class:`dpft.agents.onpolicy.OnPolicyAgent`):
+``obs_to_model(raw_obs, update=False)``, ``act(model_obs, deterministic)``, ``env_action(out)``,
+``value_batched(model_obs)``, ``on_episode_start(rows)``, ``update(rollout) -> metrics``, ``modules()``,
+``optimizers()``, ``schedulers()``, ``extra_tensors()`` / ``load_extra_tensors()``, ``export_obs_norm(normalizer)``.
+Agents are registered in :data:`AGENTS` with the policy type their checkpoint must hold.
+
+What is exact on resume: on CPU, with ``reset_at_iteration=true``, a run killed at any point and resumed from
+its newest checkpoint ends with the same weights as an uninterrupted run for gym (in-process, seeded) and
+robosuite (worker processes, seeded resets) envs. FurnitureBench (Isaac Gym, GPU) is not bit-exact.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from dpft.errors import DpftError
+
+#: agent name -> (module, class, policy type of the checkpoint it fine-tunes)
+AGENTS = {"dppo": ("dpft.agents.dppo", "DPPOAgent", "diffusion"),
+          "ppo": ("dpft.agents.ppo", "PPOAgent", "gaussian")}
+
+ENV_EXTRAS = {"robosuite": "pip install 'dpft[robomimic]'", "gym": "pip install 'dpft[gym]'",
+              "furniture": "Isaac Gym + ankile's furniture-bench fork (README, FurnitureBench)"}
+
+
+def env_seed(seed: int, iteration: int, env_index: int, num_envs: int) -> int:
+    """Seed of env ``env_index`` at the start of training iteration ``iteration``: distinct for every (run seed,
+    iteration, env) below 10^6 iterations x envs, and never one of the demo (0, 1, ...) or evaluation (100000+)
+    seeds."""
+    return 10 ** 9 + int(seed) * 10 ** 6 + int(iteration) * int(num_envs) + int(env_index)
+
+
+def _policy_spec_of(ckpt: Any) -> Dict[str, Any]:
+    from dpft.config import PretrainConfig, from_yaml_text
+    from dpft.models import policy_spec
+
+    if "policy_spec" in ckpt.meta:
+        return dict(ckpt.meta["policy_spec"])
+    cfg = from_yaml_text(ckpt.config_yaml, PretrainConfig, source=os.path.join(ckpt.dir, "config.yaml"))
+    return policy_spec(cfg.policy)
+
+
+class Finetuner:
+    """Builds the policy, env and agent of a :class:`dpft.rl.config.FinetuneConfig` and runs the loop."""
+
+    def __init__(self, cfg: Any):
+        from omegaconf import OmegaConf
+
+        from dpft.config import to_object, to_yaml
+        from dpft.rundir import open_run_dir
+        from dpft.train_utils import resolve_device
+
+        self.cfg_node = cfg
+        self.cfg = to_object(cfg)
+        self.cfg.validate()
+        c = self.cfg
+        self.config_yaml = to_yaml(cfg)
+        self.config_dict = OmegaConf.to_container(cfg, resolve=True)
+        self.device = resolve_device(c.device)
+        if c.num_threads:
+            torch.set_num_threads(int(c.num_threads))
+        if c.checkpoint and not os.path.exists(str(c.checkpoint)):
+            raise DpftError("checkpoint='%s' does not exist; pass a pretrained run directory (its newest checkpoint "
+                            "is used) or a checkpoint directory." % c.checkpoint)
+        self.run_dir = open_run_dir(c.out, kind="finetune", resume=c.resume, overwrite=c.overwrite)
+        self.out = self.run_dir.path
+        self.env = None  # type: Any
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ setup
+    def _build(self) -> None:
+        import importlib
+
+        from dpft.policy import Policy
+
+        c = self.cfg
+        name = c.agent.name
+        module, cls, ptype = AGENTS[name]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(c.seed))
+            if c.checkpoint:
+                model, normalizer, meta = self._from_checkpoint(ptype)
+                scratch = False
+            else:
+                model, normalizer, meta = self._from_scratch()
+                scratch = True
+            self.meta = meta
+            self.policy = Policy(model, normalizer, meta, weights="model", device=self.device)
+            self.model = self.policy.model
+            self.model.train()
+            self.env = self._make_env(meta)
+            self.gen = torch.Generator(device="cpu")
+            self.gen.manual_seed(int(c.seed))
+            agent_cls = getattr(importlib.import_module(module), cls)
+            kw = {"scratch": True} if scratch else {}
+            self.agent = agent_cls(c.agent, self.policy, self.env.num_envs, self.device, self.gen, c.iterations, **kw)
+        from dpft.agents.collector import OnPolicyCollector
+
+        self.collector = OnPolicyCollector(self.env, self.agent)
+        self.iteration = 0
+        self.env_steps = 0
+        if c.resume:
+            self._restore()
+
+    def _from_checkpoint(self, ptype: str):
+        from dpft.checkpoint import load_checkpoint, load_state_strict
+        from dpft.models import build_policy_model
+
+        c, a = self.cfg, self.cfg.agent
+        ckpt = load_checkpoint(c.checkpoint, ema=c.weights == "ema")
+        meta = dict(ckpt.meta)
+        have = meta.get("policy_type", "diffusion")
+        if have != ptype:
+            want = [k for k, v in AGENTS.items() if v[2] == have]
+            raise DpftError("agent=%s fine-tunes a %s policy, but checkpoint '%s' holds a %s policy (%s); use "
+                            "agent=%s." % (a.name, ptype, ckpt.dir, have, meta.get("policy"), " or agent=".join(want)))
+        spec = _policy_spec_of(ckpt)
+        if ptype == "diffusion":
+            for key in ("min_sampling_denoising_std", "min_logprob_denoising_std", "randn_clip_value"):
+                spec[key] = float(getattr(a, key))
+            if a.use_ddim is not None and bool(a.use_ddim) != bool(spec.get("use_ddim")):
+                spec["use_ddim"] = bool(a.use_ddim)
+            if a.ddim_steps is not None:
+                spec["ddim_steps"] = int(a.ddim_steps)
+            if spec.get("use_ddim") and not spec.get("ddim_steps"):
+                raise DpftError("agent.use_ddim=true needs agent.ddim_steps (DPPO fine-tunes with 5).")
+        else:
+            for key in ("init_std", "std_min", "std_max"):
+                if getattr(a, key) is not None:
+                    spec[key] = float(getattr(a, key))
+        model = build_policy_model(spec, meta["obs_shapes"], int(meta["obs_dim"]), list(meta["image_keys"]),
+                                   int(meta["action_dim"]), int(meta["horizon_steps"]), int(meta["cond_steps"]))
+        state = ckpt.ema_state if (c.weights == "ema" and ckpt.ema_state is not None) else ckpt.model_state
+        load_state_strict(model, state, ckpt.dir)
+        if ptype == "diffusion":
+            n = model.num_sampling_steps
+            if not 1 <= a.ft_denoising_steps <= n:
+                raise DpftError("agent.ft_denoising_steps=%d must be between 1 and the policy's %d sampling steps "
+                                "(%s)." % (a.ft_denoising_steps, n, "ddim_steps" if model.use_ddim else "denoising_steps"))
+            model.make_finetunable(int(a.ft_denoising_steps))
+            spec["ft_denoising_steps"] = int(a.ft_denoising_steps)
+            meta["ft_denoising_steps"] = int(a.ft_denoising_steps)
+        elif a.init_std is not None:
+            with torch.no_grad():
+                model.log_std.fill_(math.log(float(a.init_std)))
+        meta.update({"policy_spec": spec, "policy_kind": ptype, "source_checkpoint": os.path.abspath(ckpt.dir)})
+        return model, ckpt.normalizer, meta
+
+    def _from_scratch(self):
+        from dpft.envs.registry import env_args_for_task
+        from dpft.models import build_policy_model, policy_spec
+        from dpft.normalization import MinMaxNormalizer
+
+        c, a = self.cfg, self.cfg.agent
+        env_args = env_args_for_task(c.env)
+        probe = self._make_env({"env_args": env_args, "obs_keys": None, "cond_steps": 1, "act_steps": 1}, num_envs=1)
+        try:
+            obs_shapes = {k: list(v) for k, v in probe.obs_shapes.items()}
+            action_dim = int(probe.action_dim)
+        finally:
+            probe.close()
+        images = [k for k in obs_shapes if len(obs_shapes[k]) == 3]
+        if images:
+            raise DpftError("Training from scratch uses low-dim observations only; env=%s gives cameras %s." % (c.env, images))
+        keys = sorted(obs_shapes)
+        obs_dim = int(sum(int(np.prod(obs_shapes[k])) for k in keys))
+        slices, start = {}, 0
+        for k in keys:
+            d = int(np.prod(obs_shapes[k]))
+            slices[k] = [start, start + d]
+            start += d
+        spec = policy_spec({"name": "gaussian_mlp", "mlp_dims": list(a.mlp_dims), "activation": a.activation,
+                            "tanh_mean": False, "init_std": a.init_std or 1.0, "std_min": a.std_min or 1e-3,
+                            "std_max": a.std_max or 10.0})
+        meta = {"policy": "gaussian_mlp", "policy_type": "gaussian", "policy_kind": "gaussian", "policy_spec": spec,
+                "obs_keys": keys, "low_dim_keys": keys, "image_keys": [], "obs_shapes": obs_shapes,
+                "obs_dim": obs_dim, "state_slices": slices, "action_dim": action_dim,
+                "horizon_steps": int(a.horizon_steps), "cond_steps": 1, "act_steps": int(a.act_steps),
+                "denoising_steps": None, "env_args": env_args}
+        model = build_policy_model(spec, obs_shapes, obs_dim, [], action_dim, int(a.horizon_steps), 1)
+        # identity normalization of states; actions in the env's [-1, 1] box (gym MuJoCo locomotion)
+        normalizer = MinMaxNormalizer({"state": (-np.ones(obs_dim), np.ones(obs_dim)),
+                                       "action": (-np.ones(action_dim), np.ones(action_dim))})
+        return model, normalizer, meta
+
+    def _make_env(self, meta: Dict[str, Any], num_envs: Optional[int] = None):
+        from dpft.envs.registry import EnvFactory, env_kind
+        from dpft.envs.rollout import env_mode_for
+        from dpft.envs.vector import VectorEnv
+
+        c = self.cfg
+        env_args = meta.get("env_args")
+        if not env_args:
+            raise DpftError("The checkpoint has no env_args in its meta.json (its dataset had no "
+                            "data.attrs['env_args']), so the environment to fine-tune in cannot be rebuilt.")
+        kind = env_kind(env_args)
+        if kind == "furniture":
+            raise DpftError("dpft finetune does not drive FurnitureBench yet (Isaac Gym); robosuite and gym envs are "
+                            "supported.")
+        options = {"terminate_on_success": bool(c.terminate_on_success)}
+        if c.max_episode_steps:
+            options["max_episode_steps"] = int(c.max_episode_steps)
+        obs_keys = list(meta.get("obs_keys") or []) or None
+        mode = env_mode_for(env_args)
+        if mode == "process" and kind == "robosuite":
+            from dpft.envs.render import setup_rendering
+
+            setup_rendering(require=False)
+        n = int(num_envs or c.envs)
+        fns = [EnvFactory(env_args, obs_keys=obs_keys, kwargs=options) for _ in range(n)]
+        try:
+            return VectorEnv(fns, cond_steps=int(meta["cond_steps"]), act_steps=int(meta["act_steps"]), mode=mode)
+        except ImportError as e:
+            raise DpftError("The %s environment of this run cannot be built: %s. Install it with %s."
+                            % (kind, e, ENV_EXTRAS.get(kind, "the matching dpft extra"))) from None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self) -> str:
+        from dpft.checkpoint import save_checkpoint
+
+        a = self.agent
+        normalizer = a.export_obs_norm(self.policy.normalizer) if hasattr(a, "export_obs_norm") else self.policy.normalizer
+        meta = dict(self.meta)
+        meta["finetune"] = {"agent": self.cfg.agent.name, "iteration": self.iteration, "env_steps": self.env_steps}
+        tensors = {"critic": a.critic.state_dict(), "sampler_rng": {"state": self.gen.get_state()}}
+        tensors.update(a.extra_tensors())
+        ts = {"optimizers": {k: o.state_dict() for k, o in a.optimizers().items()},
+              "json": {"schedulers": {k: s.state_dict() for k, s in a.schedulers().items()},
+                       "agent": {"train_iterations": a.train_iterations}},
+              "tensors": tensors,
+              "step": {"iteration": self.iteration, "env_steps": self.env_steps, "agent": self.cfg.agent.name}}
+        return save_checkpoint(self.out, self.iteration, self.model.state_dict(), None, normalizer, meta,
+                               self.config_yaml, training_state=ts, keep=self.cfg.keep_checkpoints)
+
+    def _restore(self) -> None:
+        from dpft.checkpoint import find_latest, load_checkpoint, load_state_strict
+        from dpft.config import from_yaml_text
+        from dpft.rl.config import RESUME_MAY_CHANGE, FinetuneConfig
+        from dpft.train_utils import config_differences
+
+        latest = find_latest(self.out)
+        if latest is None:
+            return  # killed before its first checkpoint: start from the beginning
+        ckpt = load_checkpoint(latest, training_state=True, ema=False)
+        saved = from_yaml_text(ckpt.config_yaml, FinetuneConfig, source=os.path.join(latest, "config.yaml"))
+        if saved.agent.name != self.cfg.agent.name:
+            raise DpftError("resume=true with agent=%s, but the run in '%s' was trained with agent=%s; resume with "
+                            "the same agent (or start a new out=)." % (self.cfg.agent.name, self.out, saved.agent.name))
+        diffs = config_differences(ckpt.config_yaml, self.cfg_node, RESUME_MAY_CHANGE)
+        if diffs:
+            desc = ", ".join("%s: %r -> %r" % d for d in diffs[:8])
+            raise DpftError("resume=true: these settings differ from the run in '%s' and may not change on resume: "
+                            "%s. Only %s may change." % (self.out, desc, ", ".join(RESUME_MAY_CHANGE)))
+        ts = ckpt.training_state
+        load_state_strict(self.model, ckpt.model_state, latest)
+        a = self.agent
+        a.critic.load_state_dict(ts["tensors"]["critic"])
+        for k, o in a.optimizers().items():
+            o.load_state_dict(ts["optimizers"][k])
+        for k, s in a.schedulers().items():
+            s.load_state_dict(ts["json"]["schedulers"][k])
+        a.load_extra_tensors(ts["tensors"])
+        a.train_iterations = int(ts["json"]["agent"]["train_iterations"])
+        self.gen.set_state(ts["tensors"]["sampler_rng"]["state"])
+        self.iteration = int(ts["step"]["iteration"])
+        self.env_steps = int(ts["step"]["env_steps"])
+        print("dpft finetune: resumed from %s (iteration %d, %d env steps)" % (latest, self.iteration, self.env_steps))
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_policy(self) -> Any:
+        """A :class:`dpft.policy.Policy` of the current weights, acting exactly as the saved checkpoint will."""
+        from dpft.policy import Policy
+
+        a = self.agent
+        normalizer = a.export_obs_norm(self.policy.normalizer) if hasattr(a, "export_obs_norm") else self.policy.normalizer
+        p = Policy(self.model, normalizer, self.meta, weights="model", device=self.device)
+        self.model.train()
+        return p
+
+    def evaluate(self) -> Dict[str, Any]:
+        from dpft.envs.rollout import rollout
+
+        c = self.cfg
+        t0 = time.perf_counter()
+        res = rollout(self.eval_policy(), self.env, episodes=int(c.eval_episodes), seed=int(c.eval_seed),
+                      deterministic=True, progress=False)
+        self.model.train()
+        n = int(res["num_episodes"])
+        p = float(res["success_rate"])
+        return {"eval/success_rate": p, "eval/success_se": math.sqrt(max(p * (1 - p), 0.0) / max(n, 1)),
+                "eval/return": res["mean_return"], "eval/return_std": res["std_return"], "eval/length": res["mean_length"],
+                "eval/episodes": n, "time/eval": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> str:
+        from dpft.metrics import MetricsLogger
+
+        c = self.cfg
+        logger = MetricsLogger(self.out, use_wandb=c.logger == "wandb", wandb_project=c.wandb_project,
+                               wandb_mode=c.wandb_mode, config_dict=self.config_dict, start_step=self.iteration)
+        if self.iteration == 0:
+            with open(os.path.join(self.out, "config.yaml"), "w") as f:
+                f.write(self.config_yaml)
+        bar = None
+        if c.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=int(c.iterations), initial=self.iteration, desc="finetune %s" % c.agent.name,
+                       dynamic_ncols=True)
+        last = {}  # type: Dict[str, Any]
+        evaluated = False
+        try:
+            if self.iteration == 0:  # the starting policy, on the same evaluation episodes
+                rec = {"iteration": 0, "env_steps": 0}
+                rec.update(self.evaluate())
+                logger.log(rec, step=0)
+                last, evaluated = rec, True
+            while self.iteration < int(c.iterations):
+                if c.reset_at_iteration or evaluated or self.collector.raw_obs is None:
+                    n = self.env.num_envs
+                    self.collector.reset([env_seed(c.seed, self.iteration, i, n) for i in range(n)])
+                    self.agent.reward_scaler.reset()
+                t0 = time.perf_counter()
+                ro = self.collector.collect(int(c.n_steps))
+                t1 = time.perf_counter()
+                info = self.agent.update(ro)
+                t2 = time.perf_counter()
+                self.iteration += 1
+                self.env_steps += ro.env_steps
+                eps = ro.episodes
+                rec = {"iteration": self.iteration, "env_steps": self.env_steps,
+                       "train/episodes": len(eps),
+                       "train/success_rate": float(np.mean([e["success"] for e in eps])) if eps else None,
+                       "train/return": float(np.mean([e["return"] for e in eps])) if eps else None,
+                       "train/length": float(np.mean([e["length"] for e in eps])) if eps else None,
+                       "train/failed_episodes": int(sum(e["failed"] for e in eps)),
+                       "train/nan_episodes": int(ro.nan_episodes),
+                       "time/env": ro.env_time, "time/inference": ro.policy_time, "time/update": t2 - t1,
+                       "time/iteration": t2 - t0, "env_steps_per_s": ro.env_steps / max(t2 - t0, 1e-9)}
+                rec.update(info)
+                final = self.iteration >= int(c.iterations)
+                evaluated = final or bool(c.eval_every and self.iteration % int(c.eval_every) == 0)
+                if evaluated:
+                    rec.update(self.evaluate())
+                logger.log(rec, step=self.iteration)
+                last = rec
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({"succ": _fmt(rec["train/success_rate"]), "ret": _fmt(rec["train/return"]),
+                                     "steps": self.env_steps, "sps": int(rec["env_steps_per_s"])})
+                if final or (c.save_every and self.iteration % int(c.save_every) == 0):
+                    self._save()
+        finally:
+            if bar is not None:
+                bar.close()
+            logger.close()
+        png = plot_finetune_curves(self.out)
+        from dpft.checkpoint import find_latest
+
+        final = find_latest(self.out)
+        print("dpft finetune: done at iteration %d (%d env steps); eval success %s, return %s; checkpoint %s%s"
+              % (self.iteration, self.env_steps, _fmt(last.get("eval/success_rate")), _fmt(last.get("eval/return")),
+                 final, ("; curves " + png) if png else ""))
+        return final or self.out
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+        self.run_dir.close()
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None else ("%.3g" % x)
+
+
+def plot_finetune_curves(run_dir: str, path: Optional[str] = None) -> Optional[str]:
+    """``RUN_DIR/finetune_curves.png``: success rate and return against env steps, train and eval."""
+    from dpft.metrics import read_metrics
+
+    records = read_metrics(run_dir)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key in zip(axes, ("success_rate", "return")):
+        for split, style in (("train", "-"), ("eval", "o-")):
+            pts = [(r["env_steps"], r["%s/%s" % (split, key)]) for r in records
+                   if r.get("%s/%s" % (split, key)) is not None and "env_steps" in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, style, label=split, ms=3)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
+    fig.tight_layout()
+    out = path or os.path.join(run_dir, "finetune_curves.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def finetune(cfg: Any) -> str:
+    """Run ``dpft finetune`` for a composed config; returns the final checkpoint directory."""
+    trainer = Finetuner(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+__all__ = ["finetune", "Finetuner", "AGENTS", "env_seed", "plot_finetune_curves"]

@@ -1,0 +1,164 @@
+"""Typed config of ``dpft finetune`` (RL fine-tuning), composed from ``cfg/finetune.yaml``.
+
+``cfg/finetune.yaml`` selects ``agent: dppo`` (group ``cfg/agent/*.yaml``: one file per agent with DPPO's
+robomimic defaults) and ``cfg/preset/<agent>_<family>.yaml`` adds the published settings of the env family
+(``robomimic``, ``gym``, ``furniture``, ``scratch``). The CLI picks the preset from the checkpoint's
+``env_args`` (or ``env=`` for from-scratch runs) unless ``preset=`` is given; command-line overrides always win.
+
+One flat :class:`AgentConfig` holds every agent's hyperparameters (fields an agent does not use are ignored,
+as :class:`dpft.config.PolicyConfig` does for policies) so that every key is overridable as ``agent.<key>=``.
+Dataclasses use ``typing.Optional``/``List`` (Python 3.8, OmegaConf evaluates annotations).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from dpft.config import _f, check_ranges
+from dpft.errors import DpftError
+
+AGENT_NAMES = ("dppo", "ppo")
+LOGGERS = ("none", "wandb")
+
+
+@dataclass
+class AgentConfig:
+    """Hyperparameters of the RL agents (DPPO defaults; see ``cfg/agent/*.yaml`` and ``cfg/preset/``)."""
+
+    name: str = _f("dppo", "dppo | ppo")
+    # optimisation
+    actor_lr: float = _f(1e-4, "actor learning rate (AdamW)")
+    critic_lr: float = _f(1e-3, "critic learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay of actor and critic")
+    lr_schedule: str = _f("constant", "constant | linear (anneal both learning rates to 0 over the run, CleanRL)")
+    update_epochs: int = _f(10, "passes over the iteration's samples")
+    batch_size: int = _f(7500, "minibatch size (DPPO: (env step, denoising step) pairs; PPO: env steps)")
+    max_grad_norm: Optional[float] = _f(None, "clip actor and critic gradient norms (None = off, DPPO)")
+    target_kl: Optional[float] = _f(1.0, "stop the iteration's updates before a minibatch whose approx KL exceeds this (None = off)")
+    n_critic_warmup_itr: int = _f(2, "first training iterations that update only the critic")
+    # returns
+    gamma: float = _f(0.999, "discount per action chunk")
+    gae_lambda: float = _f(0.95, "GAE lambda")
+    reward_scale_running: bool = _f(True, "divide rewards by a running std of the discounted return (DPPO, CleanRL)")
+    reward_scale_const: float = _f(1.0, "constant reward multiplier applied after the running scaling")
+    reward_clip: float = _f(10.0, "clip of the running-scaled rewards")
+    norm_adv: bool = _f(True, "normalize advantages per minibatch")
+    # PPO loss
+    clip_coef: float = _f(0.01, "PPO ratio clip (DPPO: at the last denoising step)")
+    clip_coef_base: float = _f(0.001, "DPPO: ratio clip at the first fine-tuned denoising step")
+    clip_rate: float = _f(3.0, "DPPO: exponential rate of the clip schedule over denoising steps (0 = linear)")
+    clip_vloss: Optional[float] = _f(None, "value-loss clipping around the old values (None = off, DPPO; CleanRL 0.2)")
+    vf_coef: float = _f(0.5, "value-loss weight")
+    ent_coef: float = _f(0.0, "entropy bonus weight (Gaussian only)")
+    logprob_min: float = _f(-5.0, "DPPO clamp of per-step mean log-probs (lower)")
+    logprob_max: float = _f(2.0, "DPPO clamp of per-step mean log-probs (upper)")
+    # critic
+    critic_dims: List[int] = _f(factory=lambda: [256, 256, 256], help="critic hidden widths (residual Mish MLP, DPPO CriticObs)")
+    # diffusion (DPPO)
+    ft_denoising_steps: int = _f(10, "DPPO: last K' sampling steps fine-tuned (a trainable copy of the denoiser)")
+    gamma_denoising: float = _f(0.99, "DPPO: advantage discount per denoising step before the last")
+    min_sampling_denoising_std: float = _f(0.1, "DPPO: std floor of every stochastic sampling step")
+    min_logprob_denoising_std: float = _f(0.1, "DPPO: std floor inside log-probs (> 0)")
+    randn_clip_value: float = _f(3.0, "DPPO: clip of the per-step Gaussian noise")
+    use_ddim: Optional[bool] = _f(None, "sample with DDIM (None = as pretrained)")
+    ddim_steps: Optional[int] = _f(None, "DDIM steps when use_ddim (None = as pretrained)")
+    # Gaussian (PPO)
+    logprob_reduction: str = _f("mean", "PPO: mean (DPPO) | sum (CleanRL) of the chunk's per-element log-probs")
+    init_std: Optional[float] = _f(None, "PPO: reset the policy std to this at the start (None = keep the checkpoint's)")
+    std_min: Optional[float] = _f(None, "PPO: lower std bound (None = the checkpoint's)")
+    std_max: Optional[float] = _f(None, "PPO: upper std bound (None = the checkpoint's)")
+    obs_norm: bool = _f(False, "PPO from scratch: running mean/std observation normalization (CleanRL)")
+    mlp_dims: List[int] = _f(factory=lambda: [64, 64], help="PPO from scratch: actor hidden widths")
+    activation: str = _f("tanh", "PPO from scratch: actor activation")
+    horizon_steps: int = _f(1, "PPO from scratch: actions per chunk")
+    act_steps: int = _f(1, "PPO from scratch: actions executed per chunk")
+
+
+@dataclass
+class FinetuneConfig:
+    """``dpft finetune``: fine-tune a checkpoint with RL (or train a Gaussian policy from scratch)."""
+
+    checkpoint: Optional[str] = _f(None, "pretrained run or checkpoint directory (omit with env= to train from scratch)")
+    env: Optional[str] = _f(None, "task for from-scratch training (hopper, walker2d, halfcheetah, lift, ...)")
+    out: Optional[str] = _f(None, "run directory (required)")
+    agent: AgentConfig = _f(factory=AgentConfig, help="agent hyperparameters (agent=dppo|ppo selects the defaults)")
+    iterations: int = _f(50, "training iterations (budget)")
+    envs: int = _f(10, "parallel environments")
+    n_steps: int = _f(75, "action chunks per env per iteration (DPPO's n_steps)")
+    max_episode_steps: Optional[int] = _f(None, "episode length limit in env steps (None = the task's)")
+    terminate_on_success: bool = _f(True, "robosuite: end an episode when the task succeeds (reward 1 at that step)")
+    reset_at_iteration: bool = _f(True, "reset every env at the start of each iteration (exact resume; the cut is bootstrapped)")
+    seed: int = _f(0, "random seed (initialization, sampling, env seeds)")
+    device: str = _f("cpu", "cpu | cuda | auto")
+    num_threads: int = _f(0, "torch CPU threads (0 = leave torch's default)")
+    weights: str = _f("ema", "ema | model: which weights of the pretrained checkpoint to start from")
+    eval_every: int = _f(10, "evaluate every this many iterations (0 = only at the end)")
+    eval_episodes: int = _f(20, "evaluation episodes (deterministic sampling)")
+    eval_seed: int = _f(100000, "seed of the first evaluation episode (the same episodes every evaluation)")
+    save_every: int = _f(10, "checkpoint every this many iterations (the final one is always written)")
+    keep_checkpoints: int = _f(3, "newest checkpoints kept (0 = all)")
+    resume: bool = _f(False, "continue the run in out= from its newest checkpoint (exact on CPU)")
+    overwrite: bool = _f(False, "delete an existing run in out= and start over")
+    logger: str = _f("none", "none | wandb (metrics.jsonl and the PNG are always written)")
+    wandb_project: str = _f("dpft", "wandb project")
+    wandb_mode: str = _f("online", "wandb mode: online | offline | disabled")
+    progress: bool = _f(True, "show a progress bar")
+
+    def validate(self) -> None:
+        check_ranges(self)
+        a = self.agent
+        if not self.out:
+            raise DpftError("out=FT_DIR is required: the run directory of the fine-tuning run.")
+        if a.name not in AGENT_NAMES:
+            raise DpftError("agent=%r is not known; expected one of %s." % (a.name, ", ".join(AGENT_NAMES)))
+        if not self.checkpoint and not self.env:
+            raise DpftError("Pass checkpoint=RUN_DIR (a pretrained run to fine-tune) or env=TASK (train a Gaussian "
+                            "policy from scratch, agent=ppo).")
+        if self.checkpoint and self.env:
+            raise DpftError("Pass either checkpoint= or env=, not both: a fine-tuning run's env is rebuilt from "
+                            "the checkpoint's env_args.")
+        if self.env and a.name != "ppo":
+            raise DpftError("env=%s trains from scratch, which only agent=ppo (a Gaussian policy) can do; "
+                            "agent=%s needs checkpoint=RUN_DIR." % (self.env, a.name))
+        for key, value in (("iterations", self.iterations), ("envs", self.envs), ("n_steps", self.n_steps),
+                           ("eval_episodes", self.eval_episodes), ("agent.update_epochs", a.update_epochs),
+                           ("agent.batch_size", a.batch_size), ("agent.ft_denoising_steps", a.ft_denoising_steps),
+                           ("agent.horizon_steps", a.horizon_steps), ("agent.act_steps", a.act_steps)):
+            if int(value) < 1:
+                raise DpftError("%s=%s must be >= 1." % (key, value))
+        for key, value in (("eval_every", self.eval_every), ("save_every", self.save_every),
+                           ("keep_checkpoints", self.keep_checkpoints), ("num_threads", self.num_threads),
+                           ("agent.n_critic_warmup_itr", a.n_critic_warmup_itr)):
+            if int(value) < 0:
+                raise DpftError("%s=%s must be >= 0." % (key, value))
+        for key, value in (("agent.actor_lr", a.actor_lr), ("agent.critic_lr", a.critic_lr),
+                           ("agent.clip_coef", a.clip_coef), ("agent.clip_coef_base", a.clip_coef_base),
+                           ("agent.min_logprob_denoising_std", a.min_logprob_denoising_std),
+                           ("agent.randn_clip_value", a.randn_clip_value), ("agent.reward_clip", a.reward_clip)):
+            if not float(value) > 0:
+                raise DpftError("%s=%s must be > 0." % (key, value))
+        for key, value in (("agent.gamma", a.gamma), ("agent.gae_lambda", a.gae_lambda),
+                           ("agent.gamma_denoising", a.gamma_denoising)):
+            if not 0.0 <= float(value) <= 1.0:
+                raise DpftError("%s=%s must be in [0, 1]." % (key, value))
+        for key, value in (("agent.max_grad_norm", a.max_grad_norm), ("agent.target_kl", a.target_kl),
+                           ("agent.clip_vloss", a.clip_vloss)):
+            if value is not None and not float(value) > 0:
+                raise DpftError("%s=%s must be > 0 or null (off)." % (key, value))
+        if a.act_steps > a.horizon_steps:
+            raise DpftError("agent.act_steps=%d must be <= agent.horizon_steps=%d." % (a.act_steps, a.horizon_steps))
+        if a.logprob_reduction not in ("mean", "sum"):
+            raise DpftError("agent.logprob_reduction=%r must be mean or sum." % (a.logprob_reduction,))
+        if a.lr_schedule not in ("constant", "linear"):
+            raise DpftError("agent.lr_schedule=%r must be constant or linear." % (a.lr_schedule,))
+        if self.logger not in LOGGERS:
+            raise DpftError("logger=%r is not known; expected none or wandb." % (self.logger,))
+        if self.weights not in ("ema", "model"):
+            raise DpftError("weights=%r is not known; expected ema or model." % (self.weights,))
+
+
+#: settings that may differ when a run is resumed (budget and bookkeeping; everything else must match)
+RESUME_MAY_CHANGE = ("iterations", "save_every", "eval_every", "keep_checkpoints", "device", "num_threads",
+                     "logger", "wandb_project", "wandb_mode", "progress", "resume", "overwrite", "out", "checkpoint")
+
+__all__ = ["AgentConfig", "FinetuneConfig", "AGENT_NAMES", "RESUME_MAY_CHANGE"]
