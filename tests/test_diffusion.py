@@ -597,3 +597,29 @@ def test_cond_for_refuses_a_bare_tensor_once_the_encoder_has_a_copy():
     a1, _ = shared.sample(None, cond=c, generator=torch.Generator().manual_seed(0))
     a2, _ = shared.sample(obs, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a1, a2)
+
+
+def test_sampler_caches_follow_weight_and_setting_changes():
+    """The per-step coefficients and time embeddings are cached across calls; an in-place optimizer step,
+    a state-dict load or a changed std floor must show up in the next sample exactly."""
+    model = _wide_mlp_model(False, 4)
+    obs = _obs(3)
+    model.sample(obs, generator=torch.Generator().manual_seed(0))  # fill the caches
+    opt = torch.optim.SGD(model.finetune_parameters(), lr=0.5)
+    loss, _ = model.loss({"obs": obs, "actions": torch.zeros(3, TA, DA)}, torch.Generator().manual_seed(1),
+                         network="ft")
+    loss.backward()
+    opt.step()
+    for det in (False, True):
+        acts, chain = model.sample(obs, det, torch.Generator().manual_seed(3), return_chain=True)
+        ref_acts, ref_chain = _reference_sample(model, obs, det, 3)
+        assert torch.equal(acts, ref_acts) and torch.equal(chain, ref_chain)
+    other = _wide_mlp_model(False, 4)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.7)
+    model.load_state_dict(other.state_dict())
+    model.min_sampling_denoising_std = 0.3
+    acts, chain = model.sample(obs, False, torch.Generator().manual_seed(3), return_chain=True)
+    ref_acts, ref_chain = _reference_sample(model, obs, False, 3)
+    assert torch.equal(acts, ref_acts) and torch.equal(chain, ref_chain)

@@ -20,7 +20,7 @@ DDPM with std floored at 1e-3 and 0 at the last step (DPPO's evaluation mode).
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -394,16 +394,15 @@ class DiffusionModel(nn.Module):
         return mean, std
 
     # ------------------------------------------------------------------ sampling
-    def _sampling_plan(self, deterministic: bool) -> List[_StepPlan]:
-        """Per-step Python-float coefficients of the sampler (cached; rebuilt when a setting changes).
-
-        Every number is computed with the same float32 tensor operations as :meth:`step_distribution`
-        and :mod:`dpft.diffusion.schedule`, then read out once, so the fast loop in :meth:`sample` gives
-        bit-identical results to stepping with :meth:`step_distribution` (tested).
-        """
+    def _sampling_plan(self, deterministic: bool, device: torch.device, dtype: torch.dtype) -> List[_StepPlan]:
+        """Per-step coefficients of the sampler as 0-dim tensors on ``device`` (cached; rebuilt when a setting
+        changes). Every number is computed with the same float32 tensor operations as
+        :meth:`step_distribution` and :mod:`dpft.diffusion.schedule`, so the fast loop in :meth:`sample` gives
+        bit-identical results to stepping with :meth:`step_distribution` (tested); a 0-dim tensor operand is
+        also about twice as fast as a Python float on small batches."""
         key = (
             bool(deterministic), self.ddim_eta, self.min_sampling_denoising_std, self.min_logprob_denoising_std,
-            self.num_sampling_steps, self.use_ddim,
+            self.num_sampling_steps, self.use_ddim, str(device), dtype,
         )
         cache = self.__dict__.setdefault("_plan_cache", {})
         plan = cache.get(key)
@@ -434,10 +433,34 @@ class DiffusionModel(nn.Module):
                 std, draw = 0.0, False
             else:
                 std, draw = max(raw_std, 1e-3), True
-            plan.append(_StepPlan(sx, sa, m0, m1, std, draw, max(lp_std, self.min_logprob_denoising_std)))
-        cache.clear()
+            coefs = torch.tensor([sx, sa, m0, m1, std], dtype=dtype, device=device).unbind(0)
+            plan.append(_StepPlan(*coefs, draw, max(lp_std, self.min_logprob_denoising_std)))
+        if len(cache) >= 8:
+            cache.clear()
         cache[key] = plan
         return plan
+
+    def _time_embeddings(self, net: nn.Module, timesteps: Sequence[torch.Tensor]) -> Optional[List[torch.Tensor]]:
+        """``net.time_embedding(t_i)`` for every sampling step, cached across calls (the embedding depends only
+        on the step, the batch size and the weights; the cache is keyed by the parameters' version counters and
+        storage, so an optimizer step or a state-dict load recomputes it). None when ``net`` has no
+        ``time_embedding`` (the UNet)."""
+        embed = getattr(net, "time_embedding", None)
+        if embed is None:
+            return None
+        params = list(getattr(net, "time_mlp", net).parameters())
+        version = tuple((p._version, p.data_ptr()) for p in params)
+        ref = timesteps[0]
+        key = (id(net), ref.shape[0], str(ref.device), len(timesteps))
+        cache = self.__dict__.setdefault("_temb_cache", {})
+        hit = cache.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        embs = [embed(t) for t in timesteps]
+        if len(cache) >= 8:
+            cache.clear()
+        cache[key] = (version, embs)
+        return embs
 
     @torch.no_grad()
     def sample(
@@ -499,7 +522,7 @@ class DiffusionModel(nn.Module):
         ref = c_base if c_base is not None else c_ft
         b, device, dtype = ref.shape[0], ref.device, ref.dtype
         shape = (b, self.horizon_steps, self.action_dim)
-        plan = self._sampling_plan(deterministic)
+        plan = self._sampling_plan(deterministic, device, dtype)
         timesteps = self.schedule.timesteps.unsqueeze(1).expand(n, b).unbind(0)
         keep_from = n - self.chain_steps  # first stored latent index (latent i is the input of step i)
         clip = self.denoised_clip_value
@@ -507,15 +530,22 @@ class DiffusionModel(nn.Module):
         ddim = self.use_ddim
         chain = []  # type: List[torch.Tensor]
         diffs = []  # type: List[torch.Tensor]
+        emb_base = self._time_embeddings(self.network, timesteps) if first_ft > 0 else None
+        emb_ft = self._time_embeddings(self.ft_network, timesteps) if first_ft < n else None
         x = _randn(shape, generator, device, dtype)
         if return_chain and keep_from == 0:
             chain.append(x)
         for i in range(n):
             p = plan[i]
             if i >= first_ft:
-                eps = self.ft_network(x, timesteps[i], c_ft)
-            else:
+                if emb_ft is None:
+                    eps = self.ft_network(x, timesteps[i], c_ft)
+                else:
+                    eps = self.ft_network(x, timesteps[i], c_ft, t_emb=emb_ft[i])
+            elif emb_base is None:
                 eps = self.network(x, timesteps[i], c_base)
+            else:
+                eps = self.network(x, timesteps[i], c_base, t_emb=emb_base[i])
             x0 = (x - p.sx * eps) / p.sa
             if clip is not None:
                 x0 = x0.clamp(-clip, clip)
@@ -609,14 +639,14 @@ class DiffusionModel(nn.Module):
 
 
 class _StepPlan(NamedTuple):
-    """One sampling step as Python floats: ``x0 = (x - sx * eps) / sa``; DDPM ``mean = m0 * x0 + m1 * x``,
+    """One sampling step (0-dim tensors): ``x0 = (x - sx * eps) / sa``; DDPM ``mean = m0 * x0 + m1 * x``,
     DDIM ``mean = m0 * x0 + m1 * eps``; ``x' = mean + std * z`` when ``draw`` (else ``x' = mean``); ``lp_std``
-    is the log-prob std (floored at ``min_logprob_denoising_std``)."""
+    (a float) is the log-prob std (floored at ``min_logprob_denoising_std``)."""
 
-    sx: float
-    sa: float
-    m0: float
-    m1: float
-    std: float
+    sx: torch.Tensor
+    sa: torch.Tensor
+    m0: torch.Tensor
+    m1: torch.Tensor
+    std: torch.Tensor
     draw: bool
     lp_std: float

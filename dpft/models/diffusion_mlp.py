@@ -6,7 +6,7 @@ and is reshaped to ``(B, Ta, Da)``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -76,8 +76,48 @@ class DiffusionMLP(nn.Module):
         else:
             self.mlp = MLP([in_dim] + mlp_dims + [out_dim], activation=activation, layer_norm=layer_norm)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """``x (B, Ta, Da)``, ``t (B,)`` long, ``cond (B, cond_dim)`` -> epsilon ``(B, Ta, Da)``."""
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """``t (B,)`` -> ``(B, time_dim)``: what :meth:`forward` computes for ``t`` (samplers may cache it)."""
+        return self.time_mlp(t)
+
+    def _hook_free(self) -> bool:
+        from torch.nn.modules import module as _m
+
+        if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+            return False
+        leaves = self.__dict__.get("_leaves")
+        if leaves is None:
+            leaves = self.__dict__["_leaves"] = [self.mlp] + list(self.mlp.modules())
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in leaves)
+
+    def _mlp_no_grad(self, h: torch.Tensor) -> torch.Tensor:
+        """``self.mlp(h)`` with each layer's ``forward`` called directly (no per-module call overhead; the same
+        operations, so the same numbers). Used without autograd and only while no hooks are registered."""
+        mlp = self.mlp
+        if isinstance(mlp, ResidualMLP):
+            h = mlp.input_layer.forward(h)
+            for blk in mlp.blocks:
+                y = blk.linear1.forward(blk.act1.forward(blk.norm1.forward(h)))
+                y = blk.linear2.forward(blk.act2.forward(blk.norm2.forward(y)))
+                h = h + y
+            return mlp.output_layer.forward(mlp.out_act.forward(h))
+        for layer in mlp.layers:
+            h = layer.forward(h)
+        return h
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, t_emb: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """``x (B, Ta, Da)``, ``t (B,)`` long, ``cond (B, cond_dim)`` -> epsilon ``(B, Ta, Da)``.
+
+        ``t_emb``: ``time_embedding(t)`` when the caller has it already (the result is the same).
+        """
         b = x.shape[0]
-        h = torch.cat([x.reshape(b, -1), self.time_mlp(t), cond.reshape(b, -1)], dim=-1)
-        return self.mlp(h).reshape(b, self.horizon_steps, self.action_dim)
+        if t_emb is None:
+            t_emb = self.time_mlp(t)
+        h = torch.cat([x.reshape(b, -1), t_emb, cond.reshape(b, -1)], dim=-1)
+        if not torch.is_grad_enabled() and self._hook_free():
+            out = self._mlp_no_grad(h)
+        else:
+            out = self.mlp(h)
+        return out.reshape(b, self.horizon_steps, self.action_dim)
