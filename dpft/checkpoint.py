@@ -265,6 +265,7 @@ def save_checkpoint(
     config_yaml: str,
     training_state: Optional[Mapping[str, Any]] = None,
     keep: int = 3,
+    extra_weights: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None,
 ) -> str:
     """Write ``RUN_DIR/checkpoints/step_XXXXXXXX`` atomically, point ``latest`` at it, prune old ones.
 
@@ -281,6 +282,9 @@ def save_checkpoint(
             written to step.json); RL trainers add ``"optimizers"`` ({name: optimizer state_dict}),
             ``"tensors"`` ({name: {key: Tensor}}) and ``"json"`` ({name: JSON-ready object}).
         keep: newest checkpoints kept (0 = all).
+        extra_weights: ``{name: flat weight dict}`` written as ``<name>.safetensors`` next to
+            ``model.safetensors`` (checksummed like it): weights that travel with the policy, e.g. IDQL's
+            critics (``{"critic": ...}`` -> ``critic.safetensors``). Read them with :func:`read_tensors`.
 
     Returns the checkpoint directory.
     """
@@ -299,6 +303,12 @@ def save_checkpoint(
         if ema_state is not None:
             save_tensors(os.path.join(tmp, EMA_FILE), ema_state)
         save_tensors(os.path.join(tmp, NORMALIZER_FILE), normalizer.state_dict())
+        for extra_name, extra_state in (extra_weights or {}).items():  # e.g. critic.safetensors (IDQL)
+            extra_file = "%s.safetensors" % extra_name
+            if extra_file in (MODEL_FILE, EMA_FILE, NORMALIZER_FILE) or not re.match(r"^[A-Za-z0-9_]+$", extra_name):
+                raise DpftError("save_checkpoint: extra_weights name %r must be a plain word other than model, ema "
+                                "and normalizer." % (extra_name,))
+            save_tensors(os.path.join(tmp, extra_file), extra_state)
         _write_text(os.path.join(tmp, CONFIG_FILE), config_yaml)
         if training_state is not None:
             _save_training_state(os.path.join(tmp, TRAINING_STATE), training_state)
