@@ -281,6 +281,19 @@ def build_model_from_spec(meta: Mapping[str, Any]) -> nn.Module:
                                   int(meta["cond_steps"]))
 
 
+def load_weights(model: nn.Module, ckpt: Any, weights: str = "ema") -> str:
+    """Load ``ckpt``'s EMA weights (``weights="ema"``, when the checkpoint has them) or its live weights into
+    ``model`` (strict: missing or unexpected keys are errors naming the file); returns the weights used
+    (``"ema"`` or ``"model"``). For policy-kind builders (:func:`register_policy_kind`)."""
+    from dpft.checkpoint import EMA_FILE, MODEL_FILE, load_state_strict
+
+    if weights == "ema" and ckpt.ema_state is not None:
+        load_state_strict(model, ckpt.ema_state, os.path.join(ckpt.dir, EMA_FILE))
+        return "ema"
+    load_state_strict(model, ckpt.model_state, os.path.join(ckpt.dir, MODEL_FILE))
+    return "model"
+
+
 def load_policy(path: Any, weights: str = "ema", device: Union[str, torch.device] = "cpu") -> Policy:
     """Rebuild a :class:`Policy` from a run directory, its ``checkpoints/`` folder or a checkpoint directory.
 
@@ -290,7 +303,7 @@ def load_policy(path: Any, weights: str = "ema", device: Union[str, torch.device
             when the run had ``ema_decay=0``) or ``"model"``.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
     """
-    from dpft.checkpoint import EMA_FILE, MODEL_FILE, load_checkpoint, load_state_strict
+    from dpft.checkpoint import load_checkpoint
     from dpft.config import PretrainConfig, from_yaml_text
 
     if weights not in WEIGHTS:
@@ -319,15 +332,11 @@ def load_policy(path: Any, weights: str = "ema", device: Union[str, torch.device
     else:
         config = from_yaml_text(ckpt.config_yaml, PretrainConfig, source=os.path.join(ckpt.dir, "config.yaml"))
         model = build_model_from_meta(config, ckpt.meta)
-    used = weights
-    if weights == "ema" and ckpt.ema_state is not None:
-        load_state_strict(model, ckpt.ema_state, os.path.join(ckpt.dir, EMA_FILE))
-    else:
-        used = "model"
-        load_state_strict(model, ckpt.model_state, os.path.join(ckpt.dir, MODEL_FILE))
+    used = load_weights(model, ckpt, weights)
     return Policy(model, ckpt.normalizer, ckpt.meta, weights=used, checkpoint_dir=ckpt.dir, config=config,
                   device=device)
 
 
-__all__ = ["Policy", "load_policy", "build_model_from_meta", "build_model_from_spec", "register_policy_kind",
+__all__ = ["Policy", "load_policy", "load_weights", "build_model_from_meta", "build_model_from_spec",
+           "register_policy_kind",
            "POLICY_KINDS", "WEIGHTS"]
