@@ -1,13 +1,20 @@
-"""``dpft quickstart``: scripted Lift demonstrations -> diffusion-policy pretraining -> rollout with video.
+"""``dpft quickstart``: scripted Lift demonstrations -> diffusion-policy pretraining -> rollout -> DPPO
+fine-tuning -> rollout again, with videos.
 
-The whole pipeline on the built-in default data, sized to finish in a few minutes on 2 CPU cores. Each
-stage is the library call a user would make from Python, and each is skipped when its output is already
-complete for the same inputs, so re-running resumes instead of starting over:
+The whole pipeline on the built-in default data, sized to finish within 15 minutes on 2 CPU cores. The
+demonstrations are few and noisy and the pretraining short, so the pretrained policy is deliberately weak and
+the gain from RL fine-tuning is visible. Each stage is the library call a user would make from Python, and each
+is skipped when its output is already complete for the same inputs, so re-running resumes instead of starting
+over:
 
 1. :func:`dpft.envs.demos.make_demos` writes ``OUT/lift_demos.hdf5`` (scripted robosuite expert);
 2. :func:`dpft.agents.pretrain.pretrain` trains a DDPM MLP diffusion policy into ``OUT/run`` (resumes a killed run);
 3. :func:`dpft.envs.rollout.rollout_checkpoint` rolls the EMA weights out in Lift and writes ``OUT/rollout``
-   (``result.json`` and MP4 videos).
+   (``result.json`` and MP4 videos);
+4. :func:`dpft.agents.finetune.finetune` fine-tunes the checkpoint with DPPO into ``OUT/finetune``
+   (``finetune=0`` skips stages 4 and 5);
+5. the fine-tuned policy is rolled out on the same episodes into ``OUT/rollout_finetuned``; the success rates
+   before and after are printed side by side.
 
 ``OUT`` is a run directory (:mod:`dpft.rundir`, kind ``quickstart``: locked while it runs, a foreign directory is
 refused) and ``OUT/stages.json`` records each stage's inputs. A stage is skipped only when it completed with the
@@ -25,9 +32,10 @@ from dpft.errors import DpftError
 
 DEFAULTS: Dict[str, Any] = {
     "out": "runs/quickstart",
-    "demos": 100,
-    "noise": 0.0,
-    "steps": 10000,
+    "demos": 20,
+    "noise": 0.5,
+    "steps": 800,
+    "finetune": 15,
     "episodes": 20,
     "envs": 0,
     "videos": 2,
@@ -41,9 +49,10 @@ Usage: dpft quickstart [key=value ...]
 
 Options (default):
   out=runs/quickstart   output directory (demos, run, rollout)
-  demos=100             scripted-expert demonstrations to generate
-  noise=0.0             demo imperfection level (see dpft demos --help)
-  steps=10000           pretraining optimizer steps
+  demos=20              scripted-expert demonstrations to generate (few and noisy: a weak policy)
+  noise=0.5             demo imperfection level (see dpft demos --help)
+  steps=800             pretraining optimizer steps (short on purpose)
+  finetune=15           DPPO fine-tuning iterations (0 = stop after the first rollout)
   episodes=20           evaluation episodes
   envs=0                parallel environments (0 = min(episodes, CPU cores))
   videos=2              episodes to record as MP4
@@ -88,7 +97,21 @@ def parse_quickstart_args(args: List[str]) -> Dict[str, Any]:
 
 STAGES_FILE = "stages.json"
 #: what OUT holds (a quickstart directory written before run.json existed is recognized by these names)
-QUICKSTART_ENTRIES = frozenset(["lift_demos.hdf5", "run", "rollout", STAGES_FILE, "run.json", ".dpft.lock"])
+QUICKSTART_ENTRIES = frozenset(["lift_demos.hdf5", "run", "rollout", "finetune", "rollout_finetuned", STAGES_FILE,
+                                "run.json", ".dpft.lock"])
+
+# The fine-tuning recipe of the quickstart: DPPO on the last 10 of 20 DDPM steps, CPU-sized rollouts.
+FINETUNE_OVERRIDES: List[str] = [
+    "agent=dppo",
+    "preset=dppo_robomimic",
+    "envs=4",
+    "n_steps=25",
+    "max_episode_steps=200",
+    "eval_every=0",
+    "eval_episodes=10",
+    "agent.batch_size=250",
+    "agent.n_critic_warmup_itr=1",
+]
 
 
 def _complete_checkpoint_step(run_dir: str) -> int:
@@ -160,24 +183,47 @@ def _checkpoint_id(run: str) -> Dict[str, Any]:
             or sums.get("model.safetensors") or _file_sha256(os.path.join(latest, "model.safetensors"))}
 
 
+def _rollout_stage(stages: "_Stages", name: str, label: str, run: str, rollout_dir: str, inputs: Dict[str, Any],
+                   episodes: int, envs: int, videos: int, seed: int) -> Dict[str, Any]:
+    import shutil
+
+    from dpft.checkpoint import read_json
+    from dpft.envs.rollout import RESULT_NAME, rollout_checkpoint
+
+    result_path = os.path.join(rollout_dir, RESULT_NAME)
+    if stages.finished(name, inputs) and os.path.isfile(result_path):
+        print(f"{label} rollout: reusing {result_path}")
+        return read_json(result_path)
+    reason = stages.why(name, inputs) if os.path.exists(rollout_dir) else ""
+    print(f"{label} rollout: {episodes} Lift episodes of {run}" + (f" (re-run: {reason})" if reason else ""))
+    stages.mark(name, inputs, complete=False)
+    if os.path.isdir(rollout_dir):
+        shutil.rmtree(rollout_dir)  # no result or video of an earlier rollout stays beside the new one
+    result = rollout_checkpoint(run, episodes=episodes, num_envs=envs or None, seed=seed, video=videos,
+                                out_dir=rollout_dir, weights="ema", device="cpu",
+                                env_options={"terminate_on_success": True})
+    stages.mark(name, inputs, complete=True)
+    return result
+
+
 def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise: float = DEFAULTS["noise"],
-               steps: int = DEFAULTS["steps"], episodes: int = DEFAULTS["episodes"], envs: int = DEFAULTS["envs"],
-               videos: int = DEFAULTS["videos"], seed: int = DEFAULTS["seed"],
+               steps: int = DEFAULTS["steps"], finetune: int = DEFAULTS["finetune"], episodes: int = DEFAULTS["episodes"],
+               envs: int = DEFAULTS["envs"], videos: int = DEFAULTS["videos"], seed: int = DEFAULTS["seed"],
                device: str = DEFAULTS["device"]) -> Dict[str, Any]:
-    """Run the three stages and return the rollout result (a dict, also in ``OUT/rollout/result.json``).
+    """Run the stages and return the last rollout result (a dict, also in ``OUT/rollout*/result.json``), with
+    ``result["pretrained"]`` holding the pretrained policy's result when fine-tuning ran.
 
     A stage whose inputs (options, and the checksum of the previous stage's output) match the record in
     ``OUT/stages.json`` and that completed is skipped; a killed pretraining with the same inputs resumes; any
     other stage is re-run from scratch, and so is every stage after it. ``envs`` and ``device`` change speed,
     not results, so they are not inputs.
     """
-    import shutil
     import time
 
     from dpft.agents.pretrain import pretrain
     from dpft.config import compose
     from dpft.envs.demos import make_demos
-    from dpft.envs.rollout import DEFAULT_ROLLOUT_SEED, RESULT_NAME, rollout_checkpoint
+    from dpft.envs.rollout import DEFAULT_ROLLOUT_SEED
     from dpft.rundir import open_run_dir
 
     t0 = time.time()
@@ -185,16 +231,17 @@ def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise
     try:
         out = run_dir.path
         stages = _Stages(out)
+        n_stages = 5 if finetune > 0 else 3
         data = os.path.join(out, "lift_demos.hdf5")
         run = os.path.join(out, "run")
         rollout_dir = os.path.join(out, "rollout")
 
         demo_inputs = {"task": "lift", "num": demos, "noise": noise, "seed": seed}  # type: Dict[str, Any]
         if stages.finished("demos", demo_inputs) and os.path.isfile(data):
-            print(f"[1/3] demonstrations: reusing {data}")
+            print(f"[1/{n_stages}] demonstrations: reusing {data}")
         else:
             reason = stages.why("demos", demo_inputs) if os.path.exists(data) else ""
-            print(f"[1/3] demonstrations: {demos} scripted Lift demos -> {data}" + (f" (re-run: {reason})" if reason else ""))
+            print(f"[1/{n_stages}] demonstrations: {demos} scripted Lift demos -> {data}" + (f" (re-run: {reason})" if reason else ""))
             stages.mark("demos", demo_inputs, complete=False)
             make_demos(task="lift", num=demos, out=data, seed=seed, noise=noise)
             stages.mark("demos", demo_inputs, complete=True)
@@ -203,48 +250,68 @@ def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise
                         "demos_sha256": _file_sha256(data)}  # type: Dict[str, Any]
         done_step = _complete_checkpoint_step(run)
         if stages.finished("pretrain", train_inputs) and done_step >= steps:
-            print(f"[2/3] pretraining: reusing {run} (step {done_step})")
+            print(f"[2/{n_stages}] pretraining: reusing {run} (step {done_step})")
         else:
             overrides = PRETRAIN_OVERRIDES + [f"dataset={data}", f"out={run}", f"steps={steps}", f"seed={seed}",
                                               f"device={device}", f"save_every={max(steps // 3, 1)}"]
             if os.path.isdir(run) and stages.same_inputs("pretrain", train_inputs):
                 overrides.append("resume=true")  # a killed run with the same inputs continues
-                print(f"[2/3] pretraining: resuming {run} at step {max(done_step, 0)} of {steps}")
+                print(f"[2/{n_stages}] pretraining: resuming {run} at step {max(done_step, 0)} of {steps}")
             else:
                 if os.path.isdir(run):
                     overrides.append("overwrite=true")  # quickstart's own run, made from other inputs
-                    print(f"[2/3] pretraining: {steps} steps -> {run} (re-run: {stages.why('pretrain', train_inputs)})")
+                    print(f"[2/{n_stages}] pretraining: {steps} steps -> {run} (re-run: {stages.why('pretrain', train_inputs)})")
                 else:
-                    print(f"[2/3] pretraining: {steps} steps -> {run}")
+                    print(f"[2/{n_stages}] pretraining: {steps} steps -> {run}")
             stages.mark("pretrain", train_inputs, complete=False)
             pretrain(compose("pretrain", overrides))
             stages.mark("pretrain", train_inputs, complete=True)
 
+        n_stages = 5 if finetune > 0 else 3
+        eval_seed = DEFAULT_ROLLOUT_SEED + seed
         eval_inputs = dict(_checkpoint_id(run), pretrain=train_inputs, episodes=episodes, videos=videos,
-                           seed=DEFAULT_ROLLOUT_SEED + seed, weights="ema",
-                           terminate_on_success=True)  # type: Dict[str, Any]
-        result_path = os.path.join(rollout_dir, RESULT_NAME)
-        if stages.finished("rollout", eval_inputs) and os.path.isfile(result_path):
-            from dpft.checkpoint import read_json
+                           seed=eval_seed, weights="ema", terminate_on_success=True)  # type: Dict[str, Any]
+        result = _rollout_stage(stages, "rollout", f"[3/{n_stages}]", run, rollout_dir, eval_inputs, episodes, envs,
+                                videos, eval_seed)
+        before = result
+        if finetune > 0:
+            from dpft.agents.finetune import finetune as run_finetune
 
-            print(f"[3/3] rollout: reusing {result_path}")
-            result = read_json(result_path)
-        else:
-            reason = stages.why("rollout", eval_inputs) if os.path.exists(rollout_dir) else ""
-            print(f"[3/3] rollout: {episodes} Lift episodes with the EMA weights" + (f" (re-run: {reason})" if reason else ""))
-            stages.mark("rollout", eval_inputs, complete=False)
-            if os.path.isdir(rollout_dir):
-                shutil.rmtree(rollout_dir)  # no result or video of an earlier rollout stays beside the new one
-            result = rollout_checkpoint(run, episodes=episodes, num_envs=envs or None, seed=DEFAULT_ROLLOUT_SEED + seed,
-                                        video=videos, out_dir=rollout_dir, weights="ema", device="cpu",
-                                        env_options={"terminate_on_success": True})
-            stages.mark("rollout", eval_inputs, complete=True)
+            ft_dir = os.path.join(out, "finetune")
+            ft_inputs = {"recipe": list(FINETUNE_OVERRIDES), "iterations": finetune, "seed": seed,
+                         "pretrained": _checkpoint_id(run)}  # type: Dict[str, Any]
+            if stages.finished("finetune", ft_inputs) and _complete_checkpoint_step(ft_dir) >= finetune:
+                print(f"[4/{n_stages}] fine-tuning: reusing {ft_dir}")
+            else:
+                overrides = FINETUNE_OVERRIDES + [f"checkpoint={run}", f"out={ft_dir}", f"iterations={finetune}",
+                                                  f"seed={seed}", f"device={device}", f"save_every={max(finetune // 3, 1)}"]
+                if os.path.isdir(ft_dir) and stages.same_inputs("finetune", ft_inputs):
+                    overrides.append("resume=true")
+                    print(f"[4/{n_stages}] fine-tuning: resuming {ft_dir}")
+                else:
+                    if os.path.isdir(ft_dir):
+                        overrides.append("overwrite=true")
+                    print(f"[4/{n_stages}] fine-tuning: DPPO, {finetune} iterations -> {ft_dir}")
+                stages.mark("finetune", ft_inputs, complete=False)
+                run_finetune(compose("finetune", overrides))
+                stages.mark("finetune", ft_inputs, complete=True)
+            ft_eval = dict(_checkpoint_id(ft_dir), finetune=ft_inputs, episodes=episodes, videos=videos,
+                           seed=eval_seed, weights="model", terminate_on_success=True)
+            result = _rollout_stage(stages, "rollout_finetuned", f"[5/{n_stages}]", ft_dir,
+                                    os.path.join(out, "rollout_finetuned"), ft_eval, episodes, envs, videos, eval_seed)
+            result = dict(result, pretrained=before)
+            rollout_dir = os.path.join(out, "rollout_finetuned")
     finally:
         run_dir.close()
     video_paths = [os.path.abspath(os.path.join(rollout_dir, ep["video"]))
                    for ep in result.get("episodes", []) if ep.get("video")]
-    print(f"quickstart done in {time.time() - t0:.0f} s: Lift success rate {result['success_rate']:.0%} "
-          f"over {result.get('num_episodes', episodes)} episodes")
+    n = result.get("num_episodes", episodes)
+    if "pretrained" in result:
+        print(f"quickstart done in {time.time() - t0:.0f} s: Lift success rate {before['success_rate']:.0%} "
+              f"pretrained -> {result['success_rate']:.0%} after DPPO fine-tuning (same {n} episodes)")
+    else:
+        print(f"quickstart done in {time.time() - t0:.0f} s: Lift success rate {result['success_rate']:.0%} "
+              f"over {n} episodes")
     for path in video_paths:
         print(f"video: {path}")
     return result

@@ -51,6 +51,17 @@ def fakes(monkeypatch):
         json.dump(result, open(os.path.join(out_dir, "result.json"), "w"))
         return result
 
+    def finetune(cfg):
+        calls.append(("finetune", int(cfg.iterations), bool(cfg.resume), bool(cfg.overwrite)))
+        with open_run_dir(cfg.out, "finetune", resume=bool(cfg.resume), overwrite=bool(cfg.overwrite)):
+            src = C.find_latest(cfg.checkpoint)
+            w = {"w": torch.tensor([float(len(src)), float(cfg.iterations)])}
+            norm = MinMaxNormalizer({"state": (np.zeros(1), np.ones(1)), "action": (np.zeros(1), np.ones(1))})
+            return C.save_checkpoint(cfg.out, int(cfg.iterations), w, None, norm, {}, "iterations: 1\n")
+
+    import dpft.agents.finetune as F
+
+    monkeypatch.setattr(F, "finetune", finetune)
     monkeypatch.setattr(D, "make_demos", make_demos)
     monkeypatch.setattr(P, "pretrain", pretrain)
     monkeypatch.setattr(R, "rollout_checkpoint", rollout_checkpoint)
@@ -61,7 +72,7 @@ def test_stages_skip_only_when_inputs_match(tmp_path, fakes):
     from dpft.agents.quickstart import quickstart
 
     out = str(tmp_path / "qs")
-    kw = dict(out=out, demos=3, steps=2, episodes=4, videos=2)
+    kw = dict(out=out, demos=3, steps=2, episodes=4, videos=2, finetune=0)
     r = quickstart(**kw)
     assert fakes == [("demos", 3), ("pretrain", 2, False, False), ("rollout", 4, 2, 100000)]
     assert r["num_episodes"] == 4
@@ -87,12 +98,12 @@ def test_killed_pretraining_resumes_and_foreign_out_refused(tmp_path, fakes):
     from dpft.agents.quickstart import quickstart
 
     out = tmp_path / "qs"
-    quickstart(out=str(out), demos=3, steps=2, episodes=1, videos=0)
+    quickstart(out=str(out), demos=3, steps=2, episodes=1, videos=0, finetune=0)
     stages = json.load(open(out / "stages.json"))
     stages["pretrain"]["complete"] = False  # as if killed during training
     json.dump(stages, open(out / "stages.json", "w"))
     del fakes[:]
-    quickstart(out=str(out), demos=3, steps=2, episodes=1, videos=0)
+    quickstart(out=str(out), demos=3, steps=2, episodes=1, videos=0, finetune=0)
     assert fakes[0] == ("pretrain", 2, True, False)  # same inputs: resume, not start over
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -109,7 +120,24 @@ def test_quickstart_dir_written_before_stage_records_is_adopted_and_rerun(tmp_pa
     (out / "rollout" / "videos").mkdir(parents=True)
     (out / "rollout" / "videos" / "episode_005.mp4").write_bytes(b"old")
     (out / "lift_demos.hdf5").write_bytes(b"old demos")
-    quickstart(out=str(out), demos=3, steps=2, episodes=1, videos=0)
+    quickstart(out=str(out), demos=3, steps=2, episodes=1, videos=0, finetune=0)
     # no record of the inputs: every stage re-runs, and nothing of the old rollout stays
     assert [c[0] for c in fakes] == ["demos", "pretrain", "rollout"]
     assert os.listdir(out / "rollout" / "videos") == []
+
+
+def test_finetune_stage_runs_after_pretraining_and_prints_before_and_after(tmp_path, fakes, capsys):
+    from dpft.agents.quickstart import quickstart
+
+    out = tmp_path / "qs"
+    kw = dict(out=str(out), demos=3, steps=2, episodes=2, videos=0, finetune=3)
+    r = quickstart(**kw)
+    assert fakes == [("demos", 3), ("pretrain", 2, False, False), ("rollout", 2, 0, 100000),
+                     ("finetune", 3, False, False), ("rollout", 2, 0, 100000)]
+    assert r["pretrained"]["num_episodes"] == 2 and os.path.isfile(out / "rollout_finetuned" / "result.json")
+    assert "pretrained -> 100% after DPPO fine-tuning" in capsys.readouterr().out
+    del fakes[:]
+    assert quickstart(**kw)["success_rate"] == r["success_rate"] and fakes == []  # all five stages reused
+    kw.update(finetune=4)  # a longer fine-tuning budget: only stages 4 and 5 re-run (the old run is replaced)
+    quickstart(**kw)
+    assert fakes == [("finetune", 4, False, True), ("rollout", 2, 0, 100000)]
