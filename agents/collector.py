@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -41,10 +41,27 @@ class Rollout:
     env_time: float = 0.0
     policy_time: float = 0.0
     nan_episodes: int = 0
+    #: transition form (off-policy agents, :meth:`next_obs`): model obs after the last step ``{key: (N, ...)}``
+    #: and, for every step ``t`` where episodes ended, ``(t, rows, model obs of those rows' final_obs)``
+    last_obs: Dict[str, torch.Tensor] = field(default_factory=dict)
+    final_obs: List[Tuple[int, np.ndarray, Dict[str, torch.Tensor]]] = field(default_factory=list)
 
     @property
     def shape(self):
         return tuple(self.reward.shape)
+
+    def next_obs(self) -> Dict[str, torch.Tensor]:
+        """The transition form: ``{key: (T, N, ...)}`` model observation after each step -- ``obs[t + 1]`` (the
+        last step: ``last_obs``), except in the rows whose episode ended at ``t``, which get that episode's FINAL
+        observation (``final_obs`` before the auto-reset). The live observations in ``obs`` are never changed
+        (DPPO's IDQL overwrites them through a shallow copy, ``rl_recipes.md`` 7.1)."""
+        out = {}
+        for k, v in self.obs.items():
+            nxt = torch.cat([v[1:], self.last_obs[k].unsqueeze(0).to(v.device)])
+            for t, rows, fobs in self.final_obs:
+                nxt[t, torch.as_tensor(rows, device=v.device)] = fobs[k].to(v.device, v.dtype)
+            out[k] = nxt
+        return out
 
 
 def _stack(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
@@ -142,7 +159,8 @@ class OnPolicyCollector:
         return Rollout(obs=obs, act=_stack(act_list), reward=torch.as_tensor(rewards, device=dev),
                        terminated=torch.as_tensor(term, device=dev), truncated=torch.as_tensor(trunc, device=dev),
                        values=values, next_values=next_values, episodes=episodes, env_steps=env_steps,
-                       env_time=env_time, policy_time=policy_time, nan_episodes=nan_eps)
+                       env_time=env_time, policy_time=policy_time, nan_episodes=nan_eps, last_obs=last_obs,
+                       final_obs=final_rows)
 
 
 __all__ = ["OnPolicyCollector", "Rollout"]

@@ -22,6 +22,10 @@ The Agent interface (an agent is its loss and its update; see :class:`dpft.agent
 ``obs_to_model(raw_obs, update=False)``, ``act(model_obs, deterministic)``, ``env_action(out)``,
 ``value_batched(model_obs)``, ``on_episode_start(rows)``, ``update(rollout) -> metrics``, ``modules()``,
 ``optimizers()``, ``schedulers()``, ``extra_tensors()`` / ``load_extra_tensors()``, ``export_obs_norm(normalizer)``.
+Optional hooks (off-policy IDQL, :mod:`dpft.agents.idql`): ``export_meta() -> dict`` merged into the checkpoint's
+meta (e.g. another ``policy_kind``), ``extra_weights() -> {name: weights}`` saved next to the model
+(``critic.safetensors``), ``eval_policy(normalizer, meta)`` (the policy evaluation uses). The rollout's transition
+form (:meth:`dpft.agents.collector.Rollout.next_obs`) gives replay agents the next observation of every step.
 Agents are registered in :data:`AGENTS` with the policy type their checkpoint must hold.
 
 What is exact on resume: on CPU, with ``reset_at_iteration=true``, a run killed at any point and resumed from
@@ -42,7 +46,8 @@ from dpft.errors import DpftError
 
 #: agent name -> (module, class, policy type of the checkpoint it fine-tunes)
 AGENTS = {"dppo": ("dpft.agents.dppo", "DPPOAgent", "diffusion"),
-          "ppo": ("dpft.agents.ppo", "PPOAgent", "gaussian")}
+          "ppo": ("dpft.agents.ppo", "PPOAgent", "gaussian"),
+          "idql": ("dpft.agents.idql", "IDQLAgent", "diffusion")}
 
 ENV_EXTRAS = {"robosuite": "pip install 'dpft[robomimic]'", "gym": "pip install 'dpft[gym]'",
               "furniture": "Isaac Gym + ankile's furniture-bench fork (README, FurnitureBench)"}
@@ -163,12 +168,13 @@ class Finetuner:
         load_state_strict(model, state, ckpt.dir)
         if ptype == "diffusion":
             n = model.num_sampling_steps
-            if not 1 <= a.ft_denoising_steps <= n:
+            k = n if int(a.ft_denoising_steps) == 0 else int(a.ft_denoising_steps)  # 0 = the whole chain
+            if not 1 <= k <= n:
                 raise DpftError("agent.ft_denoising_steps=%d must be between 1 and the policy's %d sampling steps "
                                 "(%s)." % (a.ft_denoising_steps, n, "ddim_steps" if model.use_ddim else "denoising_steps"))
-            model.make_finetunable(int(a.ft_denoising_steps))
-            spec["ft_denoising_steps"] = int(a.ft_denoising_steps)
-            meta["ft_denoising_steps"] = int(a.ft_denoising_steps)
+            model.make_finetunable(k)
+            spec["ft_denoising_steps"] = k
+            meta["ft_denoising_steps"] = k
         elif a.init_std is not None:
             with torch.no_grad():
                 model.log_std.fill_(math.log(float(a.init_std)))
@@ -251,6 +257,9 @@ class Finetuner:
         normalizer = a.export_obs_norm(self.policy.normalizer) if hasattr(a, "export_obs_norm") else self.policy.normalizer
         meta = dict(self.meta)
         meta["finetune"] = {"agent": self.cfg.agent.name, "iteration": self.iteration, "env_steps": self.env_steps}
+        if hasattr(a, "export_meta"):  # agents whose checkpoint is another policy kind (IDQL: "idql" + critics)
+            meta.update(a.export_meta())
+        extra = a.extra_weights() if hasattr(a, "extra_weights") else None
         tensors = {"critic": a.critic.state_dict(), "sampler_rng": {"state": self.gen.get_state()}}
         tensors.update(a.extra_tensors())
         ts = {"optimizers": {k: o.state_dict() for k, o in a.optimizers().items()},
@@ -259,7 +268,8 @@ class Finetuner:
               "tensors": tensors,
               "step": {"iteration": self.iteration, "env_steps": self.env_steps, "agent": self.cfg.agent.name}}
         return save_checkpoint(self.out, self.iteration, self.model.state_dict(), None, normalizer, meta,
-                               self.config_yaml, training_state=ts, keep=self.cfg.keep_checkpoints)
+                               self.config_yaml, training_state=ts, keep=self.cfg.keep_checkpoints,
+                               extra_weights=extra)
 
     def _restore(self) -> None:
         from dpft.checkpoint import find_latest, load_checkpoint, load_state_strict
@@ -302,7 +312,10 @@ class Finetuner:
 
         a = self.agent
         normalizer = a.export_obs_norm(self.policy.normalizer) if hasattr(a, "export_obs_norm") else self.policy.normalizer
-        p = Policy(self.model, normalizer, self.meta, weights="model", device=self.device)
+        if hasattr(a, "eval_policy"):  # IDQL: candidates chosen by the critics, as its checkpoint acts
+            p = a.eval_policy(normalizer, self.meta)
+        else:
+            p = Policy(self.model, normalizer, self.meta, weights="model", device=self.device)
         self.model.train()
         return p
 

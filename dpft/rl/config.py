@@ -17,7 +17,7 @@ from typing import List, Optional
 from dpft.config import _f, check_ranges
 from dpft.errors import DpftError
 
-AGENT_NAMES = ("dppo", "ppo")
+AGENT_NAMES = ("dppo", "ppo", "idql")
 LOGGERS = ("none", "wandb")
 
 
@@ -55,7 +55,7 @@ class AgentConfig:
     # critic
     critic_dims: List[int] = _f(factory=lambda: [256, 256, 256], help="critic hidden widths (residual Mish MLP, DPPO CriticObs)")
     # diffusion (DPPO)
-    ft_denoising_steps: int = _f(10, "DPPO: last K' sampling steps fine-tuned (a trainable copy of the denoiser)")
+    ft_denoising_steps: int = _f(10, "DPPO: last K' sampling steps fine-tuned (a trainable copy of the denoiser; 0 = all)")
     gamma_denoising: float = _f(0.99, "DPPO: advantage discount per denoising step before the last")
     min_sampling_denoising_std: float = _f(0.1, "DPPO: std floor of every stochastic sampling step")
     min_logprob_denoising_std: float = _f(0.1, "DPPO: std floor inside log-probs (> 0)")
@@ -72,6 +72,21 @@ class AgentConfig:
     activation: str = _f("tanh", "PPO from scratch: actor activation")
     horizon_steps: int = _f(1, "PPO from scratch: actions per chunk")
     act_steps: int = _f(1, "PPO from scratch: actions executed per chunk")
+    # IDQL (off-policy, dpft/rl/idql.py; DPPO's ft_idql_diffusion_mlp.yaml). Also used: actor_lr, critic_lr,
+    # batch_size, gamma, critic_dims, n_critic_warmup_itr (actor warm-up), reward_scale_const, max_grad_norm,
+    # ft_denoising_steps (0 = every sampling step, DPPO's whole-chain actor), min_sampling_denoising_std.
+    replay_size: int = _f(250000, "IDQL: replay capacity in chunk transitions (DPPO: buffer_size 5000 x 50 envs)")
+    replay_ratio: float = _f(128.0, "IDQL: gradient steps per iteration = new transitions x replay_ratio / batch_size")
+    expectile: float = _f(0.8, "IDQL: expectile of the V loss (DPPO 0.8; IDQL paper 0.7)")
+    selection: str = _f("expectile", "IDQL: training choice among candidates: argmax | expectile (DPPO) | softmax "
+                        "(evaluation and dpft rollout: argmax)")
+    selection_expectile: float = _f(0.7, "IDQL: weight of candidates with Q > V in the expectile rule (DPPO 0.7)")
+    temperature: float = _f(1.0, "IDQL: temperature of the softmax rule")
+    num_candidates: int = _f(10, "IDQL: action chunks sampled per observation (DPPO robomimic 10, gym 20)")
+    critic_tau: float = _f(0.001, "IDQL: Polyak rate of the target Q per gradient step")
+    v_lr: Optional[float] = _f(None, "IDQL: V learning rate (None = critic_lr)")
+    q_lr: Optional[float] = _f(None, "IDQL: Q learning rate (None = critic_lr)")
+    train_actor: bool = _f(True, "IDQL: train the actor on replay (DPPO); false = critics only (IDQL paper)")
 
 
 @dataclass
@@ -122,7 +137,7 @@ class FinetuneConfig:
                             "agent=%s needs checkpoint=RUN_DIR." % (self.env, a.name))
         for key, value in (("iterations", self.iterations), ("envs", self.envs), ("n_steps", self.n_steps),
                            ("eval_episodes", self.eval_episodes), ("agent.update_epochs", a.update_epochs),
-                           ("agent.batch_size", a.batch_size), ("agent.ft_denoising_steps", a.ft_denoising_steps),
+                           ("agent.batch_size", a.batch_size),
                            ("agent.horizon_steps", a.horizon_steps), ("agent.act_steps", a.act_steps)):
             if int(value) < 1:
                 raise DpftError("%s=%s must be >= 1." % (key, value))
@@ -145,6 +160,12 @@ class FinetuneConfig:
                            ("agent.clip_vloss", a.clip_vloss)):
             if value is not None and not float(value) > 0:
                 raise DpftError("%s=%s must be > 0 or null (off)." % (key, value))
+        if int(a.ft_denoising_steps) < 0:
+            raise DpftError("agent.ft_denoising_steps=%s must be >= 1 (or 0 = every sampling step)." % a.ft_denoising_steps)
+        if a.name == "idql":
+            from dpft.rl.idql import settings_from_agent_config
+
+            settings_from_agent_config(a)  # IDQL's own range checks, naming agent.<key>
         if a.act_steps > a.horizon_steps:
             raise DpftError("agent.act_steps=%d must be <= agent.horizon_steps=%d." % (a.act_steps, a.horizon_steps))
         if a.logprob_reduction not in ("mean", "sum"):

@@ -149,6 +149,20 @@ class IDQLSettings:
             raise bad("ft_denoising_steps", "null (the whole chain) or an integer >= 1")
 
 
+def settings_from_agent_config(a: Any) -> IDQLSettings:
+    """:class:`IDQLSettings` of ``dpft finetune agent=idql``'s flat :class:`dpft.rl.config.AgentConfig`: the IDQL
+    keys by name, plus ``v_lr``/``q_lr`` (None = ``critic_lr``), ``n_critic_warmup_itr`` -> ``actor_warmup_itr``,
+    ``reward_scale_const`` -> ``reward_scale``, ``ft_denoising_steps`` 0 -> the whole chain; residual critics when
+    ``critic_dims`` is an odd count of equal widths (as the on-policy critic). Range-checked."""
+    dims = tuple(int(d) for d in a.critic_dims)
+    residual = len(set(dims)) == 1 and len(dims) % 2 == 1
+    return IDQLSettings.from_mapping(
+        a, v_lr=a.critic_lr if a.v_lr is None else a.v_lr, q_lr=a.critic_lr if a.q_lr is None else a.q_lr,
+        actor_warmup_itr=int(a.n_critic_warmup_itr), reward_scale=float(a.reward_scale_const),
+        ft_denoising_steps=int(a.ft_denoising_steps) or None, critic_dims=dims, v_residual=residual,
+        q_residual=residual)
+
+
 def gradient_steps(new_transitions: int, batch_size: int, replay_ratio: float) -> int:
     """DPPO's ``num_batch = int(new_transitions / batch_size * replay_ratio)`` (at least 1): every collected
     transition is drawn ``replay_ratio`` times on average (robomimic 50 x 300 chunks, batch 1000, ratio 128
@@ -481,5 +495,5 @@ def build_idql_policy(ckpt: Any, weights: str = "ema", device: Union[str, torch.
 register_policy_kind(POLICY_KIND, build_idql_policy)
 
 __all__ = ["IDQLSettings", "IDQLActorCritic", "IDQLPolicy", "make_idql_actor", "build_optimizers", "idql_update",
-           "idql_updates", "gradient_steps", "idql_meta", "build_idql_policy", "save_idql_checkpoint", "CRITIC_FILE", "CRITIC_WEIGHTS",
+           "idql_updates", "gradient_steps", "settings_from_agent_config", "idql_meta", "build_idql_policy", "save_idql_checkpoint", "CRITIC_FILE", "CRITIC_WEIGHTS",
            "POLICY_KIND"]
