@@ -22,7 +22,9 @@ The Agent interface (an agent is its loss and its update; see :class:`dpft.agent
 ``obs_to_model(raw_obs, update=False)``, ``act(model_obs, deterministic)``, ``env_action(out)``,
 ``value_batched(model_obs)``, ``on_episode_start(rows)``, ``update(rollout) -> metrics``, ``modules()``,
 ``optimizers()``, ``schedulers()``, ``extra_tensors()`` / ``load_extra_tensors()``, ``export_obs_norm(normalizer)``.
-Optional hooks (off-policy IDQL, :mod:`dpft.agents.idql`): ``export_meta() -> dict`` merged into the checkpoint's
+Optional hooks (``model_from_checkpoint(cfg) -> (model, normalizer, meta)``, a classmethod/staticmethod: the agent
+builds its own model and meta from ``checkpoint=``, e.g. residual PPO's frozen base + residual with
+``act_steps=1``; off-policy IDQL, :mod:`dpft.agents.idql`): ``export_meta() -> dict`` merged into the checkpoint's
 meta (e.g. another ``policy_kind``), ``extra_weights() -> {name: weights}`` saved next to the model
 (``critic.safetensors``), ``eval_policy(normalizer, meta)`` (the policy evaluation uses). The rollout's transition
 form (:meth:`dpft.agents.collector.Rollout.next_obs`) gives replay agents the next observation of every step.
@@ -47,7 +49,8 @@ from dpft.errors import DpftError
 #: agent name -> (module, class, policy type of the checkpoint it fine-tunes)
 AGENTS = {"dppo": ("dpft.agents.dppo", "DPPOAgent", "diffusion"),
           "ppo": ("dpft.agents.ppo", "PPOAgent", "gaussian"),
-          "idql": ("dpft.agents.idql", "IDQLAgent", "diffusion")}
+          "idql": ("dpft.agents.idql", "IDQLAgent", "diffusion"),
+          "residual_ppo": ("dpft.agents.residual_ppo", "ResidualPPOAgent", "diffusion")}
 
 ENV_EXTRAS = {"robosuite": "pip install 'dpft[robomimic]'", "gym": "pip install 'dpft[gym]'",
               "furniture": "Isaac Gym + ankile's furniture-bench fork (README, FurnitureBench)"}
@@ -112,7 +115,11 @@ class Finetuner:
         module, cls, ptype = AGENTS[name]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(c.seed))
-            if c.checkpoint:
+            agent_cls = getattr(importlib.import_module(module), cls)
+            if c.checkpoint and hasattr(agent_cls, "model_from_checkpoint"):  # (H-residual) own model + meta
+                model, normalizer, meta = agent_cls.model_from_checkpoint(c)  # residual PPO: base + residual
+                scratch = False
+            elif c.checkpoint:
                 model, normalizer, meta = self._from_checkpoint(ptype)
                 scratch = False
             else:

@@ -17,7 +17,7 @@ from typing import List, Optional
 from dpft.config import _f, check_ranges
 from dpft.errors import DpftError
 
-AGENT_NAMES = ("dppo", "ppo", "idql")
+AGENT_NAMES = ("dppo", "ppo", "idql", "residual_ppo")
 LOGGERS = ("none", "wandb")
 
 
@@ -87,6 +87,13 @@ class AgentConfig:
     v_lr: Optional[float] = _f(None, "IDQL: V learning rate (None = critic_lr)")
     q_lr: Optional[float] = _f(None, "IDQL: Q learning rate (None = critic_lr)")
     train_actor: bool = _f(True, "IDQL: train the actor on replay (DPPO); false = critics only (IDQL paper)")
+    # residual PPO (ResiP; agents/residual_ppo.py, dpft/rl/residual.py). Also used: mlp_dims/activation (residual
+    # MLP), std_min/std_max (bounds of a learnable std), use_ddim/ddim_steps (the base's sampler), critic_dims.
+    residual_scale: float = _f(0.1, "residual PPO: env action = base + residual_scale * residual (normalized units)")
+    residual_init_logstd: float = _f(-1.0, "residual PPO: initial log-std of the residual (ResiP -1)")
+    residual_learn_std: bool = _f(False, "residual PPO: learn the log-std within log(std_min)..log(std_max) (ResiP: fixed)")
+    residual_obs_clip: float = _f(3.0, "residual PPO: clamp of the normalized obs the residual and critic read")
+    residual_base_act_steps: Optional[int] = _f(None, "residual PPO: env steps between base re-plans (None = the checkpoint's act_steps)")
 
 
 @dataclass

@@ -340,16 +340,10 @@ def build_residual_model(meta: Mapping[str, Any]) -> ResidualModel:
 
 
 def _build_policy(ckpt: Any, weights: str, device: Union[str, torch.device]) -> ResidualPolicy:
-    import os
-
-    from dpft.checkpoint import EMA_FILE, MODEL_FILE, load_state_strict
+    from dpft.policy import load_weights
 
     model = build_residual_model(ckpt.meta)
-    if weights == "ema" and ckpt.ema_state is not None:
-        used, state, name = "ema", ckpt.ema_state, EMA_FILE
-    else:
-        used, state, name = "model", ckpt.model_state, MODEL_FILE
-    load_state_strict(model, state, os.path.join(ckpt.dir, name))
+    used = load_weights(model, ckpt, weights)
     return ResidualPolicy(model, ckpt.normalizer, ckpt.meta, weights=used, checkpoint_dir=ckpt.dir, device=device)
 
 
