@@ -123,6 +123,8 @@ class OnPolicyCollector:
             reward = np.asarray(res.reward, dtype=np.float64)
             failed = np.asarray(res.info.get("failed", np.zeros(n, dtype=bool)), dtype=bool)
             bad = ~np.isfinite(reward)
+            # the env layer cuts an episode at a non-finite obs/reward (VectorEnv: info["nan_resets"])
+            nan_cut = np.asarray(res.info.get("nan_resets", np.zeros(n, dtype=bool)), dtype=bool)
             reward = np.where(bad, 0.0, reward)
             steps = np.asarray(res.info.get("steps", np.full(n, action.shape[1])))
             env_steps += int(steps.sum())
@@ -138,7 +140,7 @@ class OnPolicyCollector:
                 final_rows.append((t, rows, agent.obs_to_model(_rows(res.final_obs, rows))))
                 for i in rows:
                     cut = bool(failed[i] or bad[i])
-                    nan_eps += int(bad[i] or (failed[i] and "nan" in str(res.info.get("fail_reason", [""] * n)[i]).lower()))
+                    nan_eps += int(bad[i] or nan_cut[i])
                     episodes.append({"return": float(self._ep_return[i]), "length": int(self._ep_length[i]),
                                      "success": bool(res.success[i]) and not cut, "failed": cut})
                 self._ep_return[rows] = 0.0
