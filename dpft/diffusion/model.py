@@ -6,7 +6,8 @@ Shapes: ``B`` batch, ``Ta`` = ``horizon_steps``, ``Da`` = ``action_dim``, ``N`` 
 Pretraining uses :meth:`DiffusionModel.loss` (MSE between the network's epsilon and the true noise at a
 uniformly random training timestep). Sampling runs the reverse chain ``x^(0) = x_K ~ N(0, I)``,
 ``x^(i+1) ~ N(mean_i, std_i^2)`` for sampling steps ``i = 0..N-1`` (see :mod:`dpft.diffusion.schedule`
-for the Gaussians); the final latent ``x^(N)``, clamped to ``[-1, 1]``, is the action chunk.
+for the Gaussians); the final latent ``x^(N)``, clamped to ``[-1, 1]``, is the action chunk (the chain keeps
+the raw, unclamped latents, so the densities of stored chains are exact: DPPO's convention).
 
 DPPO treats each denoising step as a Gaussian policy step (Ren et al. 2024). :meth:`make_finetunable`
 copies the base ``network`` into a trainable ``ft_network`` that serves the last ``K'`` sampling steps and
@@ -16,6 +17,12 @@ and :meth:`chain_log_prob` / :meth:`step_log_prob` give ``log N(x^(i+1); mean_i,
 per element, with gradients into ``ft_network``. Exploration noise is floored by
 ``min_sampling_denoising_std`` at every step; ``deterministic=True`` uses DDIM with eta = 0 (std 0) or
 DDPM with std floored at 1e-3 and 0 at the last step (DPPO's evaluation mode).
+
+RL hooks: ``sample(..., return_log_prob=True)`` returns the old log-probs PPO needs from the sampling pass
+itself; ``sample(cond=..., num_samples=N)`` draws N candidates per observation from one encoding (IDQL);
+``loss(network="ft", t_range=model.ft_timestep_range())`` trains the fine-tuned copy by imitation on the
+timesteps it serves (IN-RIL). The sampling loop runs on cached per-step coefficients and time embeddings
+and is bit-identical to stepping with :meth:`DiffusionModel.step_distribution` (tested).
 """
 from __future__ import annotations
 
