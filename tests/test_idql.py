@@ -236,3 +236,37 @@ def test_checkpoint_without_critics_is_named(tmp_path):
     os.remove(os.path.join(ckpt_dir, I.CRITIC_FILE))
     with pytest.raises(DpftError, match="critic.safetensors"):
         dpft.load_policy(out)
+
+
+def test_learns_a_contextual_bandit():
+    """One-chunk episodes (terminated), reward -(mean(chunk) - 0.8 s_0)^2 from an untrained actor. 8 iterations of
+    64 chunks chosen by DPPO's expectile rule, 40 updates each, actor after a 2-iteration warm-up: the argmax of 16
+    candidates goes from -0.46 (random critics) to about -0.03, and the actor's own single samples from -0.36 to
+    about -0.22 (BC on the chunks the critics chose); about 5 s on one core."""
+    from dpft.rl.replay import ChunkReplayBuffer
+
+    ac = _ac(dims=(32, 32, 32))
+    st = I.IDQLSettings(batch_size=64, actor_lr=3e-3, v_lr=3e-3, q_lr=3e-3, critic_tau=0.05, num_candidates=16)
+    opts = I.build_optimizers(ac, st)
+    replay = ChunkReplayBuffer(2000, {"state": ((TO, DO), torch.float32)}, (TA, DA))
+    gen = torch.Generator().manual_seed(0)
+
+    def reward(s, a):
+        return -((a[:, :TA].flatten(1).mean(1) - 0.8 * s[:, 0, 0]) ** 2)
+
+    def evaluate(n):
+        s = torch.rand(256, TO, DO, generator=torch.Generator().manual_seed(99)) * 2 - 1
+        a, _ = ac.select_actions({"state": s}, n, generator=torch.Generator().manual_seed(7))
+        return float(reward(s, a).mean())
+
+    single0, best0 = evaluate(1), evaluate(16)
+    for it in range(8):
+        s = torch.rand(64, TO, DO, generator=gen) * 2 - 1
+        a, _ = ac.select_actions({"state": s}, st.num_candidates, rule="expectile", generator=gen)
+        replay.add({"state": s}, a, reward(s, a), {"state": s}, torch.ones(64, dtype=torch.bool),
+                   torch.zeros(64, dtype=torch.bool))
+        info = I.idql_updates(ac, opts, replay, 40, st, generator=gen, update_actor=it >= 2)
+    single1, best1 = evaluate(1), evaluate(16)
+    assert best0 < -0.3 and best1 > -0.08, (best0, best1)
+    assert single1 > single0 + 0.08, (single0, single1)
+    assert info["grad_steps"] == 40 and info["q_loss"] < 0.01
