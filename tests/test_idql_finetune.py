@@ -115,3 +115,28 @@ def test_idql_checkpoint_loads_and_rolls_out(tmp_path, diffusion_run):  # noqa: 
                  "out=%s" % (tmp_path / "eval"), "progress=false"]) == 0
     res = json.load(open(tmp_path / "eval" / "result.json"))
     assert res["num_episodes"] == 2 and res["num_failed"] == 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["agent.expectile=1.5"], "agent.expectile=1.5: expected a number in (0, 1)"),
+    (["agent.selection=best"], "agent.selection='best': expected one of argmax, expectile, softmax"),
+    (["agent.num_candidates=0"], "agent.num_candidates=0: expected an integer >= 1"),
+    (["agent.ft_denoising_steps=-1"], "agent.ft_denoising_steps=-1 must be >= 1 (or 0 = every sampling step)"),
+])
+def test_idql_config_errors_name_the_setting(tmp_path, args, needle):
+    from dpft.config import compose
+    from dpft.errors import DpftError
+
+    with pytest.raises(DpftError) as e:
+        compose("finetune", ["agent=idql", "checkpoint=x", "out=%s" % (tmp_path / "o")] + args)
+    assert needle in str(e.value)
+
+
+def test_idql_refuses_a_gaussian_checkpoint(tmp_path, hopper_data):  # noqa: F811
+    from dpft.errors import DpftError
+    from tests.test_finetune import _pretrain
+
+    run = _pretrain(hopper_data, tmp_path / "g", "policy=gaussian_mlp", "policy.mlp_dims=[8,8]", "horizon_steps=2",
+                    "act_steps=2")
+    with pytest.raises(DpftError, match="agent=idql fine-tunes a diffusion policy.*holds a gaussian policy"):
+        _finetuner(tmp_path / "o", "checkpoint=%s" % run, *IDQL)
