@@ -138,6 +138,9 @@ class Finetuner:
         from dpft.agents.collector import OnPolicyCollector
 
         self.collector = OnPolicyCollector(self.env, self.agent)
+        from dpft.agents.inril import build_inril  # (H-inril) IN-RIL / CAIR / alignment monitor plug-in
+
+        self.inril = build_inril(c, self.agent, self.meta, self.policy.normalizer, self.device)
         self.iteration = 0
         self.env_steps = 0
         if c.resume:
@@ -274,6 +277,8 @@ class Finetuner:
                        "agent": {"train_iterations": a.train_iterations}},
               "tensors": tensors,
               "step": {"iteration": self.iteration, "env_steps": self.env_steps, "agent": self.cfg.agent.name}}
+        if self.inril is not None:  # (H-inril) schedule, estimators, lambda, reference EMA, IL stream, IL optimizer
+            self.inril.save_into(ts)
         return save_checkpoint(self.out, self.iteration, self.model.state_dict(), None, normalizer, meta,
                                self.config_yaml, training_state=ts, keep=self.cfg.keep_checkpoints,
                                extra_weights=extra)
@@ -307,6 +312,8 @@ class Finetuner:
             s.load_state_dict(ts["json"]["schedulers"][k])
         a.load_extra_tensors(ts["tensors"])
         a.train_iterations = int(ts["json"]["agent"]["train_iterations"])
+        if self.inril is not None:  # (H-inril)
+            self.inril.load_from(ts, latest)
         self.gen.set_state(ts["tensors"]["sampler_rng"]["state"])
         self.iteration = int(ts["step"]["iteration"])
         self.env_steps = int(ts["step"]["env_steps"])
@@ -338,7 +345,14 @@ class Finetuner:
         p = float(res["success_rate"])
         return {"eval/success_rate": p, "eval/success_se": math.sqrt(max(p * (1 - p), 0.0) / max(n, 1)),
                 "eval/return": res["mean_return"], "eval/return_std": res["std_return"], "eval/length": res["mean_length"],
-                "eval/episodes": n, "time/eval": time.perf_counter() - t0}
+                "eval/episodes": n, "time/eval": time.perf_counter() - t0,
+                **self._heldout_il()}
+
+    def _heldout_il(self) -> Dict[str, Any]:
+        """(H-inril) the IL loss on held-out demos at every evaluation (IN-RIL's Figure 8)."""
+        if getattr(self, "inril", None) is None:
+            return {}
+        return {"eval/il_loss_heldout": self.inril.heldout_loss()}
 
     # ------------------------------------------------------------------ loop
     def run(self) -> str:
@@ -404,6 +418,10 @@ class Finetuner:
                 bar.close()
             logger.close()
         png = plot_finetune_curves(self.out)
+        if self.inril is not None:  # (H-inril)
+            from dpft.agents.inril import plot_alignment
+
+            plot_alignment(self.out)
         from dpft.checkpoint import find_latest
 
         final = find_latest(self.out)

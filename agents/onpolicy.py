@@ -60,6 +60,8 @@ class OnPolicyAgent:
         self.critic_sched = torch.optim.lr_scheduler.LambdaLR(self.critic_opt, lam)
         self.reward_scaler = RunningRewardScaler(num_envs, gamma=cfg.gamma, clip=cfg.reward_clip, device=device)
         self.train_iterations = 0  # training iterations done (critic warm-up counts these)
+        self.inril = None  # (H-inril) dpft.agents.inril.InRIL plug-in, attached by the trainer when configured
+        self._actor_on = False
 
     def build_critic(self, state_dim: int) -> nn.Module:
         """DPPO's ``CriticObs``: V(flattened normalized state history), residual Mish MLP."""
@@ -126,6 +128,7 @@ class OnPolicyAgent:
             "adv": adv.reshape(-1), "ret": ret.reshape(-1), "v_old": ro.values.reshape(-1),
         }
         actor_on = self.train_iterations >= cfg.n_critic_warmup_itr
+        self._actor_on = actor_on
         total = self.num_samples(ro)
         bs = min(int(cfg.batch_size), total)
         n_mb = max(1, total // bs)
@@ -163,6 +166,8 @@ class OnPolicyAgent:
                 self.critic_opt.step()
                 if actor_on:
                     self.actor_opt.step()
+                    if self.inril is not None:  # (H-inril) one IL step after every m RL steps
+                        self.inril.after_rl_step()
                 steps += 1
                 stats["pg_loss"].append(float(pg.detach()))
                 stats["v_loss"].append(float(vl.detach()))
@@ -177,6 +182,8 @@ class OnPolicyAgent:
         self.train_iterations += 1
         out = {k: float(np.mean(v)) for k, v in stats.items() if v}
         ev = explained_variance(ro.values.reshape(-1), ret.reshape(-1))
+        if self.inril is not None:
+            out.update(self.inril.pop_metrics())
         out.update({"grad_steps": steps, "kl_stop": bool(stopped), "actor_updated": bool(actor_on),
                     "explained_variance": None if ev != ev else float(ev),
                     "actor_lr": self.actor_opt.param_groups[0]["lr"], "critic_lr": self.critic_opt.param_groups[0]["lr"]})
@@ -184,6 +191,21 @@ class OnPolicyAgent:
 
     def after_backward(self, actor_params: List[nn.Parameter]) -> None:
         """Hook between backward and the optimizer steps (IN-RIL reads the RL gradient here)."""
+        if self.inril is not None and self._actor_on:  # (H-inril) reference EMA, monitor, CAIR's combination
+            self.inril.after_rl_backward()
+
+    def il_loss(self, batch: Dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        """(H-inril) The imitation loss on a demo batch through the parameters RL trains: DPPO the epsilon loss
+        through the fine-tuned copy on the fine-tuned steps' timesteps (``model.ft_timestep_range()``), a
+        Gaussian policy its NLL. Observations get the agent's own transform (running obs normalization)."""
+        obs = dict(batch["obs"])
+        rms = getattr(self, "obs_rms", None)
+        if rms is not None and "state" in obs:
+            obs["state"] = rms.normalize(obs["state"]).to(obs["state"].dtype)
+        batch = {"obs": obs, "actions": batch["actions"]}
+        if getattr(self.model, "ft_network", None) is not None:
+            return self.model.loss(batch, generator, network="ft", t_range=self.model.ft_timestep_range())[0]
+        return self.model.loss(batch, generator)[0]
 
     # ------------------------------------------------------------------ state
     def modules(self) -> Dict[str, nn.Module]:

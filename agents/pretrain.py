@@ -307,6 +307,9 @@ class Pretrainer:
             "denoising_steps": int(cfg.policy.denoising_steps) if cfg.policy.name != "gaussian_mlp" else None,
             "env_args": dict(info["env_args"]),
             "dataset": os.path.abspath(str(cfg.dataset)),
+            # (H-inril) how the demos were split: fine-tuning with IN-RIL rebuilds the same train/held-out demos
+            "data_split": {"train_filter_key": cfg.data.train_filter_key, "valid_filter_key": cfg.data.valid_filter_key,
+                           "valid_ratio": float(cfg.data.valid_ratio), "seed": int(cfg.seed), "source": info["split"]},
             "train_demos": len(info["train_demos"]),
             "valid_demos": len(info["valid_demos"]),
         }

@@ -260,7 +260,10 @@ def compose(command: str, overrides: Optional[List[str]] = None, schema: Optiona
     from omegaconf.errors import OmegaConfBaseException
 
     schema = schema or SCHEMAS[command]
-    overrides = quote_string_overrides(list(overrides or []), schema)
+    overrides = list(overrides or [])
+    if hasattr(schema, "rewrite_overrides"):  # (H-inril) a schema's own spellings, e.g. finetune's cair=true
+        overrides = schema.rewrite_overrides(overrides)
+    overrides = quote_string_overrides(overrides, schema)
     _register_schemas()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()

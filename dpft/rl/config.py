@@ -96,6 +96,40 @@ class AgentConfig:
     residual_base_act_steps: Optional[int] = _f(None, "residual PPO: env steps between base re-plans (None = the checkpoint's act_steps)")
 
 
+# ---------------------------------------------------------------------------------------------- IN-RIL / CAIR (H-inril)
+@dataclass
+class InrilConfig:
+    """IN-RIL (interleaved IL/RL) and the gradient-alignment monitor; agents/inril.py, docs/inril.md."""
+
+    m: str = _f("inf", "RL gradient steps per IL step: an integer >= 1, inf (RL only, the baseline) or adaptive")
+    separation: str = _f("none", "IL-step gradient rule: none | pcgrad | upgrad | network (agent=residual_ppo only)")
+    m_min: int = _f(1, "adaptive m: lower clip of m(t)")
+    m_max: int = _f(100, "adaptive m: upper clip of m(t)")
+    m_init: int = _f(10, "adaptive m: m until both gradient estimators have 2 gradients")
+    adaptive_c: float = _f(0.5, "adaptive m: c = alpha_RL * L_RL of the progress model, in [0, 2)")
+    ema_beta: float = _f(0.9, "EMA factor of the reference RL direction and the IL/RL gradient statistics")
+    dataset: Optional[str] = _f(None, "IL demos (robomimic HDF5; None = the checkpoint's pretraining dataset)")
+    batch_size: int = _f(256, "IL batch size (demo windows)")
+    il_lr: Optional[float] = _f(None, "learning rate of the IL steps' own AdamW (None = agent.actor_lr)")
+    monitor_every: int = _f(10, "alignment monitor: IL gradient (not applied) vs the RL gradient every this many RL "
+                            "updates (0 = off)")
+    heldout_max_windows: int = _f(2048, "held-out IL loss at each evaluation: at most this many held-out windows")
+
+
+@dataclass
+class CairConfig:
+    """CAIR: each RL update uses (1 - lambda) L_IL + lambda L_RL, the two gradients combined by CAGrad."""
+
+    enabled: bool = _f(False, "CAIR on (also `cair=true` on the command line)")
+    start: float = _f(0.5, "initial lambda (RL weight)")
+    rate: float = _f(0.01, "lambda change per update per unit cosine")
+    monotone: bool = _f(False, "lambda only rises (the variant with CAIR's monotonic-improvement guarantee)")
+    c: float = _f(0.4, "CAGrad ball radius c (0 = the plain convex combination)")
+    mode: str = _f("linear", "lambda rule: linear (rate * cos) | sign (rate * sign(cos))")
+    lam_min: float = _f(0.0, "lower bound of lambda")
+    lam_max: float = _f(1.0, "upper bound of lambda")
+
+
 @dataclass
 class FinetuneConfig:
     """``dpft finetune``: fine-tune a checkpoint with RL (or train a Gaussian policy from scratch)."""
@@ -125,6 +159,20 @@ class FinetuneConfig:
     wandb_project: str = _f("dpft", "wandb project")
     wandb_mode: str = _f("online", "wandb mode: online | offline | disabled")
     progress: bool = _f(True, "show a progress bar")
+    inril: InrilConfig = _f(factory=InrilConfig, help="IN-RIL interleaving, separation and monitor (H-inril)")
+    cair: CairConfig = _f(factory=CairConfig, help="CAIR adaptive IL/RL weighting (H-inril)")
+
+    @staticmethod
+    def rewrite_overrides(overrides: List[str]) -> List[str]:
+        """(H-inril) ``cair=true`` / ``cair=false`` select cfg/cair/true.yaml / false.yaml: Hydra reads an unquoted
+        true/false as a bool, which cannot name a config group option, so it is quoted here."""
+        out = []
+        for o in overrides:
+            name, sep, value = o.partition("=")
+            if sep and name.lstrip("+") == "cair" and value.strip().lower() in ("true", "false"):
+                o = "%s='%s'" % (name, value.strip().lower())
+            out.append(o)
+        return out
 
     def validate(self) -> None:
         check_ranges(self)
@@ -183,10 +231,13 @@ class FinetuneConfig:
             raise DpftError("logger=%r is not known; expected none or wandb." % (self.logger,))
         if self.weights not in ("ema", "model"):
             raise DpftError("weights=%r is not known; expected ema or model." % (self.weights,))
+        from dpft.agents.inril import validate_inril_config
+
+        validate_inril_config(self)  # (H-inril)
 
 
 #: settings that may differ when a run is resumed (budget and bookkeeping; everything else must match)
 RESUME_MAY_CHANGE = ("iterations", "save_every", "eval_every", "keep_checkpoints", "device", "num_threads",
                      "logger", "wandb_project", "wandb_mode", "progress", "resume", "overwrite", "out", "checkpoint")
 
-__all__ = ["AgentConfig", "FinetuneConfig", "AGENT_NAMES", "RESUME_MAY_CHANGE"]
+__all__ = ["AgentConfig", "InrilConfig", "CairConfig", "FinetuneConfig", "AGENT_NAMES", "RESUME_MAY_CHANGE"]
