@@ -175,18 +175,6 @@ def test_gradient_steps_and_settings_errors():
         I.IDQLSettings.from_mapping({"selection": "best"})
 
 
-def _has_extra_weights():
-    import inspect
-
-    from dpft.checkpoint import save_checkpoint
-
-    return "extra_weights" in inspect.signature(save_checkpoint).parameters
-
-
-needs_extra_weights = pytest.mark.skipif(not _has_extra_weights(), reason="save_checkpoint(extra_weights=) of the "
-                                         "team contract not in dpft.checkpoint yet (critic.safetensors)")
-
-
 def _save(ac, out, step=5, num_candidates=6):
     normalizer = MinMaxNormalizer({"state": (np.full(DO, -2.0), np.full(DO, 2.0)),
                                    "action": (np.full(DA, -0.5), np.full(DA, 1.5))})
@@ -198,7 +186,6 @@ def _save(ac, out, step=5, num_candidates=6):
     return I.save_idql_checkpoint(out, step, ac, normalizer, meta, "agent: idql\n"), normalizer
 
 
-@needs_extra_weights
 def test_checkpoint_round_trip_through_load_policy(tmp_path):
     ac = _ac()
     with torch.no_grad():  # critics and target that differ from their initialization and from each other
@@ -226,15 +213,23 @@ def test_checkpoint_round_trip_through_load_policy(tmp_path):
     assert policy.describe()["policy_kind"] == "idql"
 
 
-@needs_extra_weights
-def test_checkpoint_without_critics_is_named(tmp_path):
+def test_checkpoint_without_or_with_damaged_critics_is_named(tmp_path):
     import os
+
+    from dpft.checkpoint import ChecksumError
 
     ac = _ac()
     out = str(tmp_path / "ft")
     ckpt_dir, _ = _save(ac, out)
-    os.remove(os.path.join(ckpt_dir, I.CRITIC_FILE))
-    with pytest.raises(DpftError, match="critic.safetensors"):
+    path = os.path.join(ckpt_dir, I.CRITIC_FILE)
+    data = bytearray(open(path, "rb").read())
+    data[-3] ^= 0xFF  # one flipped byte in the last weight
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ChecksumError) as e:
+        dpft.load_policy(out)
+    assert e.value.path == path and "damaged" in str(e.value)
+    os.remove(path)
+    with pytest.raises(DpftError, match="has no critic.safetensors: the critics"):
         dpft.load_policy(out)
 
 
