@@ -160,9 +160,8 @@ class OnPolicyAgent:
                                     "%s, value loss %s); training stopped, the last good checkpoint is kept. Lower "
                                     "agent.actor_lr / agent.critic_lr or set agent.max_grad_norm."
                                     % (self.name, self.train_iterations, float(pg), float(vl)))
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
-                    torch.nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm)
+                if cfg.max_grad_norm is not None:  # one global norm over actor and critic (CleanRL, ResiP)
+                    torch.nn.utils.clip_grad_norm_(actor_params + critic_params, cfg.max_grad_norm)
                 self.critic_opt.step()
                 if actor_on:
                     self.actor_opt.step()
