@@ -6,8 +6,8 @@ time embedding 16), for 50 envs and 1 env, DDPM 20 steps with the last 10 fine-t
 steps with all 5 fine-tuned. Each case is timed side by side with a bare loop of the same network calls
 (one observation encoding, then ``network(x, t, cond)`` for the frozen base steps and ``ft_network`` for the
 fine-tuned ones, on a fixed input): the bare loop is the floor, anything above it is the
-sampler's own overhead. Windows alternate between the variants (A/B/A/B...) and the medians are reported,
-because a shared machine drifts between windows.
+sampler's own overhead. Windows alternate between the variants (A/B/A/B...) and the medians are reported
+(with the fastest window, the least disturbed by other processes), because a shared machine drifts.
 
     .venv/bin/python tools/bench_finetune.py sampling            # 2 threads, 7 windows, JSON to stdout
     .venv/bin/python tools/bench_finetune.py sampling --windows 5 --threads 2 --out result.json
@@ -113,6 +113,7 @@ def bench_sampling(windows: int, min_time: float, envs: List[int]) -> Dict:
                     times[k].append(time_window(fn, min_time))
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             row = {"case": case["name"], "envs": b, "ms_per_chunk": {k: round(v, 3) for k, v in med.items()},
+                   "min_ms_per_chunk": {k: round(min(v) * 1e3, 3) for k, v in times.items()},
                    "ratio_sample_over_bare": round(med["sample"] / med["bare"], 3),
                    "windows_ms": {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()}}
             if "sample_logp" in med:
