@@ -166,6 +166,29 @@ class ResidualPPOAgent(OnPolicyAgent):
         self.model.train()
         return p
 
+    # ------------------------------------------------------------------ IN-RIL hooks (agents/inril.py)
+    def il_parameters(self) -> List[nn.Parameter]:
+        """IN-RIL's network separation (``inril.separation=network``): IL trains the base, RL the residual. Makes
+        the base trainable (the RL path never reaches it: plans run under ``no_grad``) and returns its parameters."""
+        self.model.set_base_trainable(True)
+        return self.model.base_parameters()
+
+    def il_loss(self, batch: Dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        """The imitation loss on a demo batch (normalized ``obs``, ``actions (B, Ta, Da)``).
+
+        With a trainable base (network separation): the base's diffusion loss
+        (:meth:`ResidualModel.base_il_loss`). Otherwise, in the residual's own parameter space (what the
+        alignment monitor compares with the RL gradient): the residual's negative log-likelihood, summed over
+        ``Da``, of the residual that turns a fresh base plan's first action ``b`` into the demo's first action,
+        ``r* = (a*_0 - b) / residual_scale`` (ResiP's supervised residual target)."""
+        m = self.model
+        if any(p.requires_grad for p in m.base_parameters()):
+            return m.base_il_loss(batch, generator)[0]
+        obs = batch["obs"]
+        base = m.plan(obs, generator)[:, 0]
+        target = (batch["actions"][:, 0] - base) / m.action_scale
+        return -m.residual.log_prob(m.residual_input(obs["state"], base), target).mean()
+
     # ------------------------------------------------------------------ update
     num_samples = PPOAgent.num_samples  # one sample per env step
     sample_rows = PPOAgent.sample_rows

@@ -61,13 +61,22 @@ def test_residual_ppo_on_hopper_end_to_end(tmp_path, diffusion_run):
                                    (ro.obs["base_action"] + 0.1 * ro.act["residual"]).clamp(-1, 1).flatten(0, 1).numpy(),
                                    atol=1e-7)
         assert agent.cache.plans == 2 * 4  # 8 steps, re-plan every 2, no episode ended
+        flat = {"obs": {k: v.flatten(0, 1) for k, v in ro.obs.items()},
+                "act": {k: v.flatten(0, 1) for k, v in ro.act.items()}, "adv": torch.linspace(-1, 1, 16)}
+        _, first = agent.policy_loss(ro, flat, torch.arange(16))  # stored log-probs = the sampler's own
+        assert float(first["ratio"]) == 1.0 and float(first["approx_kl"]) == 0.0
         info = agent.update(ro)
         assert info["grad_steps"] == 2 * 1 and info["kl_stop"] is False  # 16 samples = 1 minibatch x 2 epochs
     finally:
         trainer.close()
-    from dpft.agents.finetune import finetune
+    from dpft.checkpoint import find_latest
+    from tests.test_finetune import TINY_FT
 
-    final = finetune(_ft(tmp_path / "ft2", "checkpoint=%s" % diffusion_run, *RES))
+    # the command a user types (the preset residual_ppo_gym is picked from the checkpoint's env family)
+    assert main(["finetune", "out=%s" % (tmp_path / "ft2"), "checkpoint=%s" % diffusion_run] + TINY_FT + RES) == 0
+    final = find_latest(str(tmp_path / "ft2"))
+    cfg = open(tmp_path / "ft2" / "config.yaml").read()
+    assert "gamma: 0.99\n" in cfg and "residual_scale: 0.1" in cfg  # preset gamma, agent default
     recs = [json.loads(line) for line in open(tmp_path / "ft2" / "metrics.jsonl")]
     assert recs[-1]["env_steps"] == 2 * 2 * 8 and "eval/success_rate" in recs[0] and "eval/return" in recs[-1]
     # the base is frozen: its weights in the fine-tuned checkpoint are the pretrained EMA weights, bit for bit
@@ -129,3 +138,43 @@ def test_residual_ppo_on_robosuite_lift(rs, tmp_path):
                  "progress=false", "out=%s" % (tmp_path / "ev")]) == 0
     res = json.load(open(tmp_path / "ev" / "result.json"))
     assert res["num_episodes"] == 1 and res["mean_length"] == 6
+
+
+def test_residual_checkpoint_records_demos(tmp_path, diffusion_run):
+    """`dpft demos policy=FT_DIR` records rollouts of a residual checkpoint (stateful policy, reset per episode):
+    the actions it stores are those the deterministic policy gives for the stored observations."""
+    import h5py
+
+    from dpft.agents.finetune import finetune
+    from dpft.cli import main
+
+    ft = str(tmp_path / "ft")
+    finetune(_ft(ft, "checkpoint=%s" % diffusion_run, *RES, "iterations=1"))
+    out = str(tmp_path / "demos.hdf5")
+    assert main(["demos", "policy=%s" % ft, "num=2", "out=%s" % out, "max_episode_steps=5", "task=hopper",
+                 "progress=false", "envs=2", "seed=3"]) == 0
+    with h5py.File(out, "r") as f:
+        lengths = sorted(int(f["data/%s/actions" % d].shape[0]) for d in f["data"])
+        acts = f["data/demo_0/actions"][...]
+    assert len(lengths) == 2 and max(lengths) <= 5 and acts.shape[1] == 3 and np.isfinite(acts).all()
+
+
+def test_inril_network_separation_trains_the_base_by_il(tmp_path, diffusion_run):
+    """IN-RIL's network separation on residual PPO: IL steps move the base (its diffusion loss), RL the residual;
+    without separation the alignment monitor compares gradients in the residual's space."""
+    from dpft.agents.finetune import finetune
+    from dpft.checkpoint import load_checkpoint
+
+    src = load_checkpoint(diffusion_run)
+    finetune(_ft(tmp_path / "sep", "checkpoint=%s" % diffusion_run, *RES, "inril.separation=network", "inril.m=1",
+                 "inril.batch_size=8", "inril.monitor_every=1"))
+    ft = load_checkpoint(str(tmp_path / "sep"))
+    moved = [k for k, v in src.ema_state.items() if not torch.equal(ft.model_state["base." + k], v)]
+    assert any(k.startswith("network.") for k in moved)  # IL stepped the base's denoiser
+    recs = [json.loads(line) for line in open(tmp_path / "sep" / "metrics.jsonl")]
+    assert recs[-1]["inril/g_il_norm"] > 0 and np.isfinite(recs[-1]["eval/il_loss_heldout"])
+    finetune(_ft(tmp_path / "mon", "checkpoint=%s" % diffusion_run, *RES, "inril.monitor_every=1"))
+    ft = load_checkpoint(str(tmp_path / "mon"))
+    assert all(torch.equal(ft.model_state["base." + k], v) for k, v in src.ema_state.items())  # base stays frozen
+    recs = [json.loads(line) for line in open(tmp_path / "mon" / "metrics.jsonl")]
+    assert -1.0 <= recs[-1]["inril/cos"] <= 1.0 and recs[-1]["inril/g_il_norm"] > 0

@@ -25,7 +25,7 @@ LOGGERS = ("none", "wandb")
 class AgentConfig:
     """Hyperparameters of the RL agents (DPPO defaults; see ``cfg/agent/*.yaml`` and ``cfg/preset/``)."""
 
-    name: str = _f("dppo", "dppo | ppo")
+    name: str = _f("dppo", "dppo | ppo | idql | residual_ppo")
     # optimisation
     actor_lr: float = _f(1e-4, "actor learning rate (AdamW)")
     critic_lr: float = _f(1e-3, "critic learning rate (AdamW)")
