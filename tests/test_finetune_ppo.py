@@ -1,0 +1,90 @@
+"""Gaussian PPO details against hand-computed values: the stored old log-prob is the Normal log-density of the
+EXECUTED actions only (act_steps of the chunk), summed (CleanRL) or element-averaged and clamped (DPPO); the std
+bound holds; a from-scratch run's checkpoint (observation statistics folded into its normalizer) normalizes
+observations exactly as the agent did, and its critic and actor heads start from CleanRL's orthogonal init."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_finetune import _finetuner, _ft, _keep_threads, _pretrain, hopper_data  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def chunked_run(hopper_data, tmp_path_factory):
+    """Chunks of 4 actions, 2 executed."""
+    return _pretrain(hopper_data, tmp_path_factory.mktemp("g42") / "run", "policy=gaussian_mlp",
+                     "policy.mlp_dims=[16,16]", "horizon_steps=4", "act_steps=2")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_old_logprob_is_the_density_of_the_executed_actions(tmp_path, chunked_run, reduction):
+    t = _finetuner(tmp_path / "r", "agent=ppo", "checkpoint=%s" % chunked_run, "agent.logprob_reduction=%s" % reduction,
+                   "agent.init_std=0.15", "agent.logprob_min=-1.5", "agent.logprob_max=0.5")
+    try:
+        t.collector.reset([5, 6])
+        ro = t.collector.collect(2)
+        obs = {k: v.flatten(0, 1) for k, v in ro.obs.items()}
+        actions = ro.act["action"].flatten(0, 1)  # (4, Ta=4, Da=3), raw samples (not clamped)
+        with torch.no_grad():
+            mean, std = t.model.distribution(obs)
+        assert torch.allclose(std, torch.full_like(std, 0.15))
+        elem = torch.distributions.Normal(mean, std).log_prob(actions)[:, :2]  # the executed actions only
+        want = elem.sum((1, 2)) if reduction == "sum" else elem.clamp(-1.5, 0.5).mean((1, 2))
+        torch.testing.assert_close(ro.act["logprob"].flatten(0, 1), want, rtol=1e-5, atol=1e-5)
+        env_a = t.agent.env_action({"action": ro.act["action"][0]})
+        assert env_a.shape == (2, 2, 3) and np.abs(env_a).max() <= 0.8 + 1e-6  # clamped into the data range
+    finally:
+        t.close()
+
+
+def test_std_is_bounded(tmp_path, chunked_run):
+    t = _finetuner(tmp_path / "r", "agent=ppo", "checkpoint=%s" % chunked_run, "agent.std_min=0.05", "agent.std_max=0.5",
+                   "agent.init_std=0.1")
+    try:
+        obs = {"state": torch.zeros(1, 1, 11)}
+        for log_std, want in ((5.0, 0.5), (-9.0, 0.05), (math.log(0.3), 0.3)):
+            with torch.no_grad():
+                t.model.log_std.fill_(log_std)
+            torch.testing.assert_close(t.model.distribution(obs)[1], torch.full((3,), want), rtol=1e-6, atol=1e-7)
+    finally:
+        t.close()
+
+
+def test_from_scratch_checkpoint_normalizes_like_the_agent(tmp_path):
+    """CleanRL's recipe: orthogonal init (actor head gain 0.01, critic head gain 1, zero biases); running
+    observation normalization; the saved normalizer reproduces the agent's normalized observations, so
+    load_policy / dpft rollout act as the trained agent did."""
+    import dpft
+    from dpft.agents.finetune import Finetuner
+
+    out = tmp_path / "scratch"
+    args = ["agent=ppo", "env=hopper", "preset=ppo_scratch", "n_steps=64", "envs=2", "iterations=1",
+            "agent.batch_size=32", "agent.update_epochs=1"]
+    t = Finetuner(_ft(out, *args))
+    try:
+        a = t.agent
+        heads = [[m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1] for net in (t.model, a.critic)]
+        for head, gain in zip(heads, (0.01, 1.0)):
+            w = head.weight.detach().double()
+            rows = min(w.shape)  # orthogonal: W W^T = gain^2 I (on the smaller side)
+            gram = w @ w.t() if w.shape[0] == rows else w.t() @ w
+            torch.testing.assert_close(gram, gain ** 2 * torch.eye(rows, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+            assert float(head.bias.detach().abs().max()) == 0.0
+        t.run()
+        assert float(a.obs_rms.count) > 100 and not torch.allclose(a.obs_rms.mean, torch.zeros(11, dtype=a.obs_rms.mean.dtype))
+        raw = {"obs": np.random.default_rng(1).normal(size=(5, 1, 11)).astype(np.float32) * 3}
+        with torch.no_grad():
+            want = a.obs_to_model(raw)["state"]
+    finally:
+        t.close()
+    policy = dpft.load_policy(str(out))
+    got = policy.normalize_obs(raw)["state"]
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-4)
+    assert policy.meta["policy_kind"] == "gaussian"
+    with torch.no_grad():  # evaluation acts with the mean, clamped to the env's [-1, 1] box
+        mean = policy.model.distribution(policy.normalize_obs(raw))[0]
+    np.testing.assert_allclose(policy.act(raw["obs"]), mean.clamp(-1, 1).numpy(), rtol=1e-6, atol=1e-6)
