@@ -30,6 +30,11 @@ Deviations from ResiP (and why):
 * the base samples each plan from fresh noise (ResiP warm-starts from the previous plan with a timestep mismatch,
   across episodes) and re-plans per env.
 
+IN-RIL (:mod:`dpft.agents.inril`): ``inril.separation=network`` trains the base by imitation (its diffusion loss,
+:meth:`ResidualPPOAgent.il_parameters` / :meth:`il_loss`) while RL trains the residual (ResiP's
+``residual_ppo_w_bc.py`` idea, which never ran there: ``rl_recipes.md`` 4.6); the alignment monitor and the other
+separations work in the residual's space with the residual's NLL of the demo correction as the IL loss.
+
 Exact resume needs ``reset_at_iteration=true`` (the default): the base-chunk cache is then empty at every
 iteration boundary, so the checkpoint (residual + base weights, critic, optimizers, reward scaler, sampler RNG)
 holds all the state.
