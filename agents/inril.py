@@ -80,6 +80,10 @@ def validate_inril_config(cfg: Any) -> None:
     if not float(c.c) >= 0:
         raise DpftError("cair.c=%s must be >= 0 (CAGrad's ball radius; 0 = the plain convex combination)." % c.c)
     CairLambda(c.start, c.rate, c.monotone, c.mode, c.lam_min, c.lam_max)  # its own checks name cair.<key>
+    if i.separation == "network" and (str(i.m).strip().lower() == "adaptive" or c.enabled):
+        raise DpftError("inril.separation=network trains different networks by IL (the base) and RL (the residual), "
+                        "so their gradients share no space: %s needs them in one (use inril.separation=none, pcgrad "
+                        "or upgrad, or a fixed inril.m)." % ("cair=true" if c.enabled else "inril.m=adaptive"))
 
 
 def inril_active(cfg: Any) -> bool:

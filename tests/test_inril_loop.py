@@ -236,6 +236,8 @@ def test_il_data_is_windowed_and_normalized_as_in_pretraining(tmp_path, hopper_d
     (["inril.monitor_every=-1"], "inril.monitor_every=-1 must be >= 0"),
     (["cair=true", "cair.rate=-1"], "cair.rate=-1"),
     (["cair.start=2"], "cair.start=2"),
+    (["agent=residual_ppo", "inril.separation=network", "inril.m=adaptive"], "share no space: inril.m=adaptive"),
+    (["agent=residual_ppo", "inril.separation=network", "cair=true"], "share no space: cair=true"),
 ])
 def test_config_errors_name_the_key(tmp_path, args, needle):
     with pytest.raises(DpftError, match=needle):
