@@ -1,6 +1,7 @@
 """dpft finetune under faults: an env episode cut by a non-finite observation or reward is terminated (never
 bootstrapped), counted in the metrics, and training goes on; NaN gradients stop the run with a message and keep
-the last good checkpoint (which resumes); a missing env extra is named; a run killed with kill -9 resumes to the
+the last good checkpoint (which resumes); a missing env extra is named; resume=true needs a run of the same agent; a run
+killed with kill -9 resumes to the
 weights of an uninterrupted run."""
 from __future__ import annotations
 
@@ -151,3 +152,16 @@ def _ft_args():
     from tests.test_finetune import TINY_FT
 
     return TINY_FT
+
+
+def test_resume_needs_a_run_of_the_same_agent(tmp_path, diffusion_run):
+    from dpft.agents.finetune import finetune
+
+    with pytest.raises(DpftError, match="resume=true but out='.*' holds no run to resume"):
+        finetune(_ft(tmp_path / "none", "agent=dppo", "checkpoint=%s" % diffusion_run, "resume=true"))
+    out = tmp_path / "ft"
+    finetune(_ft(out, "agent=dppo", "checkpoint=%s" % diffusion_run, "iterations=1", "eval_every=0",
+                 "agent.ft_denoising_steps=3"))
+    with pytest.raises(DpftError, match="resume=true with agent=idql, but the run in '.*' was trained with agent=dppo"):
+        finetune(_ft(out, "agent=idql", "checkpoint=%s" % diffusion_run, "iterations=2", "resume=true",
+                     "agent.ft_denoising_steps=3"))
