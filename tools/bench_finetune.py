@@ -84,6 +84,23 @@ def sampler(model, obs: Dict[str, torch.Tensor], log_prob: bool) -> Callable[[],
     return run
 
 
+def count_ops(fn: Callable[[], object]) -> int:
+    """ATen operator calls of one call of ``fn`` (after a warm-up call): a load-independent cost figure."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    fn()
+    with Counter():
+        fn()
+    return Counter.n
+
+
 def time_window(fn: Callable[[], object], min_time: float) -> float:
     """Seconds per call over at least ``min_time`` seconds (after one warm-up call)."""
     fn()
@@ -116,6 +133,7 @@ def bench_sampling(windows: int, min_time: float, envs: List[int]) -> Dict:
                    "min_ms_per_chunk": {k: round(min(v) * 1e3, 3) for k, v in times.items()},
                    "ratio_sample_over_bare": round(med["sample"] / med["bare"], 3),
                    "windows_ms": {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()}}
+            row["aten_ops_per_chunk"] = {k: count_ops(fn) for k, fn in variants.items()}
             if "sample_logp" in med:
                 row["ratio_sample_logp_over_bare"] = round(med["sample_logp"] / med["bare"], 3)
             results.append(row)
