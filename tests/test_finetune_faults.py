@@ -1,8 +1,7 @@
 """dpft finetune under faults: an env episode cut by a non-finite observation or reward is terminated (never
 bootstrapped), counted in the metrics, and training goes on; NaN gradients stop the run with a message and keep
-the last good checkpoint (which resumes); a missing env extra is named; resume=true needs a run of the same agent; a run
-killed with kill -9 resumes to the
-weights of an uninterrupted run."""
+the last good checkpoint (which resumes); a missing env extra is named; resume=true needs a run of the same agent;
+a run killed with kill -9 resumes to the weights of an uninterrupted run."""
 from __future__ import annotations
 
 import json
