@@ -371,7 +371,14 @@ def build_inril(cfg: Any, agent: Any, meta: Dict[str, Any], normalizer: Any, dev
     if not cfg.checkpoint:
         raise DpftError("IN-RIL / CAIR (inril.m=%s, cair=%s) imitate the demonstrations of a pretrained checkpoint; a "
                         "from-scratch run (env=) has none. Pass checkpoint=RUN_DIR." % (cfg.inril.m, cfg.cair.enabled))
-    plug = InRIL(cfg, agent, meta, normalizer, device)
+    try:
+        plug = InRIL(cfg, agent, meta, normalizer, device)
+    except DpftError as e:
+        if active:
+            raise
+        # RL only: the monitor is a diagnostic, a missing or unreadable demo file must not stop the run
+        print("dpft finetune: alignment monitor off (%s)" % e)
+        return None
     agent.inril = plug
     return plug
 

@@ -244,6 +244,17 @@ def test_config_errors_name_the_key(tmp_path, args, needle):
         _ft(tmp_path / "o", "checkpoint=x", *args)
 
 
+def test_rl_only_runs_without_the_demo_file_but_inril_needs_it(tmp_path, diffusion_run, capsys):
+    bad = "inril.dataset=%s" % (tmp_path / "gone.hdf5")
+    t = _finetuner(tmp_path / "a", "agent=dppo", "checkpoint=%s" % diffusion_run, bad, *FAST)
+    try:
+        assert t.inril is None and "alignment monitor off" in capsys.readouterr().out
+    finally:
+        t.close()
+    with pytest.raises(DpftError, match="gone.hdf5' \\(inril.dataset\\) do not exist"):
+        _finetuner(tmp_path / "b", "agent=dppo", "checkpoint=%s" % diffusion_run, bad, "inril.m=3", *FAST)
+
+
 def test_from_scratch_runs_without_the_monitor_and_refuse_inril(tmp_path):
     t = _finetuner(tmp_path / "s", "agent=ppo", "env=hopper", "iterations=1")
     try:
