@@ -38,11 +38,11 @@ def test_dppo_improves_on_a_reaching_task(tmp_path, monkeypatch, diffusion_run):
 
     monkeypatch.setattr(EnvFactory, "__call__", lambda self: _Reach())
     out = tmp_path / "ft"
-    finetune(_ft(out, "agent=dppo", "checkpoint=%s" % diffusion_run, "iterations=12", "eval_every=12", "envs=4",
+    finetune(_ft(out, "agent=dppo", "checkpoint=%s" % diffusion_run, "iterations=15", "eval_every=15", "envs=4",
                  "n_steps=8", "eval_episodes=4", "num_threads=1", "agent.ft_denoising_steps=3", "agent.actor_lr=1e-2",
                  "agent.clip_coef=0.1", "agent.clip_coef_base=0.05", "agent.update_epochs=5", "agent.batch_size=32",
                  "agent.target_kl=null"))
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     first, last = recs[0]["eval/return"], recs[-1]["eval/return"]
-    assert recs[-1]["env_steps"] == 12 * 4 * 8 * 2
-    assert last > first + 3.0 and last > 0.5 * first, (first, last)  # returns are negative: -8.4 -> about -2.5
+    assert recs[-1]["env_steps"] == 15 * 4 * 8 * 2
+    assert last > first + 4.0 and last > 0.5 * first, (first, last)  # returns are negative: -8.36 -> -1.96
