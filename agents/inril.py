@@ -343,6 +343,10 @@ class InRIL:
         missing = [k for k in need if k not in t]
         if self.il_opt is not None and "inril_il" not in (ts.get("optimizers") or {}):
             missing.append("optimizer inril_il")
+        if missing and not (self.interleave or self.cair is not None):
+            print("dpft finetune: %s has no alignment-monitor state (written before IN-RIL); the monitor starts "
+                  "afresh" % (where or "the checkpoint"))
+            return
         if missing:
             raise DpftError("resume=true: checkpoint %s has no IN-RIL state %s (was it written without these inril / "
                             "cair settings?)." % (where or "", missing))

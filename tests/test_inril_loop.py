@@ -270,3 +270,19 @@ def test_cair_true_is_a_command_line_switch():
 
     assert FinetuneConfig.rewrite_overrides(["cair=true", "+cair=False", "cair.rate=0.1", "x=true"]) == \
         ["cair='true'", "+cair='false'", "cair.rate=0.1", "x=true"]
+
+
+def test_a_checkpoint_from_before_inril_resumes_with_a_fresh_monitor(tmp_path, diffusion_run, monkeypatch, capsys):
+    import dpft.agents.inril as mod
+    from dpft.agents.finetune import finetune
+
+    base = ["agent=dppo", "checkpoint=%s" % diffusion_run, "save_every=1", *FAST]
+    real = mod.build_inril
+    monkeypatch.setattr(mod, "build_inril", lambda *a, **k: None)  # an older dpft: no plug-in, no IN-RIL state
+    finetune(_ft(tmp_path / "ft", *base, "iterations=1"))
+    monkeypatch.setattr(mod, "build_inril", real)
+    finetune(_ft(tmp_path / "ft", *base, "iterations=2", "resume=true"))
+    assert "no alignment-monitor state" in capsys.readouterr().out
+    assert _records(tmp_path / "ft")[-1]["inril/rl_steps"] == 6  # counted from the resume on
+    with pytest.raises(DpftError, match="inril.m"):  # switching IN-RIL on is a change of the run
+        finetune(_ft(tmp_path / "ft", *base, "iterations=3", "resume=true", "inril.m=3"))
