@@ -6,7 +6,7 @@ Commands (options are Hydra-style ``key=value`` overrides of ``cfg/<command>.yam
   dpft demos task=lift num=50 out=FILE.hdf5      scripted-expert demonstrations in robosuite
   dpft demos policy=RUN_DIR num=50 out=FILE.hdf5 record a checkpoint's rollouts (gym or robosuite)
   dpft pretrain dataset=FILE.hdf5 out=RUN_DIR    behaviour cloning of a diffusion or Gaussian policy
-  dpft finetune agent=dppo checkpoint=RUN_DIR out=FT_DIR   RL fine-tuning (dppo | ppo; ppo also from scratch)
+  dpft finetune agent=dppo checkpoint=RUN_DIR out=FT_DIR   RL fine-tuning (dppo | ppo | residual_ppo | idql)
   dpft rollout checkpoint=RUN_DIR episodes=20    run a checkpoint, score it, write videos
   dpft quickstart                                demos -> pretrain -> rollout on Lift in one go
   dpft info                                      versions and rendering backend (paste into bug reports)
@@ -33,7 +33,7 @@ def _schema_help(command: str, summary: str, examples: List[str]) -> str:
     lines += ["", "Options (key, default, meaning):"]
     lines += describe_schema(SCHEMAS[command])
     if command == "finetune":
-        lines += ["", "Config groups: agent=dppo | ppo (cfg/agent/*.yaml); preset=<agent>_<family> (cfg/preset/*.yaml) is",
+        lines += ["", "Config groups: agent=dppo | ppo | residual_ppo | idql (cfg/agent/*.yaml); preset=<agent>_<family> (cfg/preset/*.yaml) is",
                   "chosen from the checkpoint's env family (robomimic, gym, furniture; scratch with env=) unless given."]
     if command == "pretrain":
         lines += ["", "Config groups: policy=diffusion_mlp | diffusion_unet | gaussian_mlp (cfg/policy/*.yaml).",
