@@ -20,7 +20,7 @@ IDENTITY_Q = [0.0, 0.0, 0.0, 1.0]
 Z90_Q = [0.0, 0.0, S45, S45]
 
 
-def make_episode(T, seed, furniture="one_leg", flat_state=False, images=(6, 8), channel_first=False,
+def make_episode(T, seed, furniture="one_leg", flat_state=False, images=(10, 8), channel_first=False,
                  parts_dim=42, success=True, task_key="furniture", extra_last_obs=True):
     """An episode dict as furniture_bench's DataCollector.save writes it (observations has T + 1 entries)."""
     rng = np.random.default_rng(seed)
@@ -106,7 +106,7 @@ def test_converts_pickles_to_robomimic_hdf5(demo_dir):
         np.testing.assert_array_equal(parts, np.stack([o["parts_poses"] for o in src["observations"][:5]]))
         for key in ("color_image1", "color_image2"):
             img = d0["obs/%s" % key][()]
-            assert img.dtype == np.uint8 and img.shape == (5, 6, 8, 3)
+            assert img.dtype == np.uint8 and img.shape == (5, 10, 8, 3)
             np.testing.assert_array_equal(img, np.stack([o[key] for o in src["observations"][:5]]))
         act = d0["actions"][()]
         assert act.shape == (5, 10) and act.dtype == np.float32
@@ -159,7 +159,7 @@ def test_channel_first_images_and_10d_absolute_actions(tmp_path):
     convert_furniture_demos(tmp_path / "ep.pkl", tmp_path / "out.hdf5", "one_leg", include_images=True, valid_ratio=0)
     with h5py.File(tmp_path / "out.hdf5", "r") as f:
         img = f["data/demo_0/obs/color_image1"][()]
-        assert img.shape == (3, 6, 8, 3)
+        assert img.shape == (3, 10, 8, 3)
         np.testing.assert_array_equal(img[0], np.transpose(ep["observations"][0]["color_image1"], (1, 2, 0)))
         act = f["data/demo_0/actions"][()]
         assert len(f["mask/valid"][()]) == 0 and len(f["mask/train"][()]) == 1
@@ -233,7 +233,7 @@ def test_output_loads_with_dpft_loader_and_describe(demo_dir):
     convert_furniture_demos(demo_dir / "raw", out, "one_leg", include_images=True, valid_ratio=0.34)
     demos = load_demos(out, ["robot_state", "parts_poses", "color_image1"])
     assert demos.num_demos == 3 and demos.num_samples == 12 and demos.obs_dim == 58 and demos.action_dim == 10
-    assert demos.images["color_image1"].shape == (12, 6, 8, 3)
+    assert demos.images["color_image1"].shape == (12, 10, 8, 3)
     np.testing.assert_array_equal(demos.episode_ends, [5, 9, 12])
     with h5py.File(out, "r") as f:
         np.testing.assert_array_equal(demos.state[:5, :16], f["data/demo_0/obs/robot_state"][()])
