@@ -24,8 +24,8 @@ Deviations from ResiP (and why):
   iteration-boundary env resets) with ``reward_clip`` (ResiP: 5), instead of ResiP's running std of the per-step
   reward updated during evaluation too (``rl_recipes.md`` 4.3 and 7.8);
 * time limits are truncations bootstrapped from ``V(final obs)`` (ResiP treats them as terminal);
-* gradients are clipped per network (actor, critic) instead of jointly; learning rates are constant or linear
-  (``lr_schedule``), not cosine; AdamW epsilon is torch's default (ResiP 1e-5);
+* learning rates are constant or linear (``lr_schedule``), not cosine; AdamW epsilon is torch's default
+  (ResiP 1e-5); gradients are clipped jointly over actor and critic as in ResiP;
 * the KL stop skips the step that crosses ``target_kl`` (ResiP applies it, then stops);
 * the base samples each plan from fresh noise (ResiP warm-starts from the previous plan with a timestep mismatch,
   across episodes) and re-plans per env.
