@@ -33,3 +33,13 @@ def rs():
     from dpft.envs import robosuite_env
 
     return robosuite_env
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """Pretraining and fine-tuning set torch's thread count (num_threads=1 in tests): restore it after each test."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -28,13 +28,6 @@ TINY_FT = ["envs=2", "n_steps=8", "iterations=2", "eval_episodes=2", "progress=f
            "agent.batch_size=16", "agent.update_epochs=2", "agent.critic_dims=[16,16,16]", "agent.n_critic_warmup_itr=0"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def _pretrain(dataset, out, *extra):
     from dpft.agents.pretrain import pretrain
 
@@ -227,7 +220,8 @@ def test_finetuned_checkpoint_loads_and_rolls_out(tmp_path, diffusion_run):
     assert os.path.isfile(out / "finetune_curves.png") and os.path.isfile(out / "config.yaml")
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in recs] == [0, 1, 2] and "eval/success_rate" in recs[0] and "eval/return" in recs[-1]
-    assert recs[-1]["env_steps"] == recs[-1]["iteration"] * 0 + recs[-1]["env_steps"] > 0
+    assert 0 < recs[-1]["env_steps"] <= 2 * 2 * 8 * 2  # iterations x envs x n_steps x act_steps (Hopper may fall)
+    assert recs[1]["env_steps"] < recs[2]["env_steps"]
     policy = dpft.load_policy(str(out))
     assert policy.model.ft_denoising_steps == 2 and policy.meta["policy_kind"] == "diffusion"
     obs = np.zeros((3, 1, 11), dtype=np.float32)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpft.errors import DpftError
-from tests.test_finetune import _finetuner, _ft, _keep_threads, _pretrain, diffusion_run, hopper_data  # noqa: F401
+from tests.test_finetune import _finetuner, _ft, _pretrain, diffusion_run, hopper_data  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 
 from dpft.envs.base import Env
 from dpft.errors import DpftError
-from tests.test_finetune import _ft, _finetuner, _keep_threads, _weights, diffusion_run, gaussian_run, hopper_data  # noqa: F401
+from tests.test_finetune import _ft, _finetuner, _weights, diffusion_run, gaussian_run, hopper_data  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

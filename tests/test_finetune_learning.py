@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from dpft.envs.base import Env
-from tests.test_finetune import _ft, _keep_threads, diffusion_run, hopper_data  # noqa: F401
+from tests.test_finetune import _ft, diffusion_run, hopper_data  # noqa: F401
 
 TARGET = np.array([0.5, -0.5, 0.5])
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_finetune import _finetuner, _ft, _keep_threads, _pretrain, hopper_data  # noqa: F401
+from tests.test_finetune import _finetuner, _ft, _pretrain, hopper_data  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,6 @@ IDQL = ["agent=idql", "agent.batch_size=16", "agent.replay_ratio=4", "agent.repl
         "agent.actor_lr=1e-3"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def test_transition_form_keeps_final_obs_and_live_obs(tmp_path, diffusion_run):  # noqa: F811
     """Chunks of 2 steps, episodes cut at 6 steps: every env truncates at chunk 2 (unless Hopper fell first). The
     stored next_obs of that step is the episode's final observation, and the next chunk is chosen from (and stored

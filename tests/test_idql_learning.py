@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from tests.test_finetune import _ft, _keep_threads, diffusion_run, hopper_data  # noqa: F401
+from tests.test_finetune import _ft, diffusion_run, hopper_data  # noqa: F401
 from tests.test_finetune_learning import _Reach
 
 

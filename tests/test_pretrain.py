@@ -40,13 +40,6 @@ def learnable(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("policy,extra", [
     ("diffusion_mlp", {}),
     ("diffusion_unet", {"policy.down_dims": "[16,32]"}),

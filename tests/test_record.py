@@ -8,7 +8,6 @@ import os
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from dpft.errors import DpftError
 from dpft.envs.render import setup_rendering
@@ -24,13 +23,6 @@ from tests.synth import write_demos_hdf5, write_robomimic_hdf5  # noqa: E402
 HOPPER = default_gym_env_args("hopper")
 TINY = ["steps=4", "batch_size=8", "save_every=4", "val_every=0", "progress=false", "num_threads=1",
         "data.valid_ratio=0", "warmup_steps=1"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def _pretrain(dataset, out, *extra):

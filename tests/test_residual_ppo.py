@@ -22,13 +22,6 @@ RES = ["agent=residual_ppo", "agent.mlp_dims=[16,16]", "agent.critic_dims=[16,16
        "agent.update_epochs=2", "n_steps=8", "eval_every=0"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def test_wrong_checkpoint_kind_is_refused(tmp_path, gaussian_run, diffusion_run):
     from dpft.agents.finetune import finetune
 
