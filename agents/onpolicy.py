@@ -11,8 +11,8 @@ Per iteration (:meth:`OnPolicyAgent.update`):
    smaller minibatch is dropped, as DPPO, unless it is the only one); each minibatch computes the subclass's
    policy loss and the critic's ``0.5 (V - R)^2`` (optionally clipped around ``V_old``); if the minibatch's
    approximate KL (k3) exceeds ``target_kl`` the iteration's updates stop **before** that step is applied;
-   gradients are checked for NaN/Inf (the run stops with a message; the last good checkpoint stays), clipped to
-   ``max_grad_norm`` and applied by the two AdamW optimizers (actor and critic). During the first
+   gradients are checked for NaN/Inf through their one combined norm (the run stops with a message; the last good
+   checkpoint stays), clipped to ``max_grad_norm`` and applied by the two AdamW optimizers (actor and critic). During the first
    ``n_critic_warmup_itr`` training iterations only the critic steps.
 
 Subclass API: ``obs_to_model(raw)``, ``act(model_obs, deterministic) -> {"action": (N, Ta, Da), ...}``,
@@ -154,14 +154,18 @@ class OnPolicyAgent:
                 self.critic_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.after_backward(actor_params)
-                grads = [p.grad for p in actor_params + critic_params if p.grad is not None]
-                if not all(bool(torch.isfinite(g).all()) for g in grads):
+                # one combined gradient norm (one host sync): NaN/Inf anywhere makes it non-finite. With
+                # max_grad_norm it is clip_grad_norm_'s total norm (one global norm over actor and critic, CleanRL,
+                # ResiP); a non-finite one stops the run before any optimizer step, so the clipped values are moot
+                if cfg.max_grad_norm is not None:
+                    total_norm = torch.nn.utils.clip_grad_norm_(actor_params + critic_params, cfg.max_grad_norm)
+                else:
+                    total_norm = grad_total_norm(actor_params + critic_params)
+                if not bool(torch.isfinite(total_norm)):
                     raise DpftError("The %s update produced NaN/Inf gradients at training iteration %d (policy loss "
                                     "%s, value loss %s); training stopped, the last good checkpoint is kept. Lower "
                                     "agent.actor_lr / agent.critic_lr or set agent.max_grad_norm."
                                     % (self.name, self.train_iterations, float(pg), float(vl)))
-                if cfg.max_grad_norm is not None:  # one global norm over actor and critic (CleanRL, ResiP)
-                    torch.nn.utils.clip_grad_norm_(actor_params + critic_params, cfg.max_grad_norm)
                 self.critic_opt.step()
                 if actor_on:
                     self.actor_opt.step()
@@ -223,6 +227,16 @@ class OnPolicyAgent:
         self.reward_scaler.load_state_dict(tensors["reward_scaler"])
 
 
+def grad_total_norm(params: List[nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of all ``.grad`` of ``params`` together (a 0-d tensor, no host sync): ``torch._foreach_norm``
+    per tensor, then the norm of those norms (``clip_grad_norm_``'s total norm without the clipping)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [torch.linalg.vector_norm(g) for g in grads]
+    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
+
+
 def normalized(adv: torch.Tensor, on: bool) -> torch.Tensor:
     return normalize_advantages(adv) if on and adv.numel() > 1 else adv
 
@@ -232,4 +246,4 @@ def clamp_mean(logp: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return logp.clamp(lo, hi).flatten(1).mean(1)
 
 
-__all__ = ["OnPolicyAgent", "normalized", "clamp_mean"]
+__all__ = ["OnPolicyAgent", "normalized", "clamp_mean", "grad_total_norm"]
