@@ -442,35 +442,13 @@ def _fmt(x: Any) -> str:
 
 
 def plot_finetune_curves(run_dir: str, path: Optional[str] = None) -> Optional[str]:
-    """``RUN_DIR/finetune_curves.png``: success rate and return against env steps, train and eval."""
-    from dpft.metrics import read_metrics
+    """``RUN_DIR/finetune_curves.png``: success rate and return against env steps, train and eval
+    (:func:`dpft.plotting.plot_run`)."""
+    from dpft.plotting import Panel, plot_run
 
-    records = read_metrics(run_dir)
-    if not records:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key in zip(axes, ("success_rate", "return")):
-        for split, style in (("train", "-"), ("eval", "o-")):
-            pts = [(r["env_steps"], r["%s/%s" % (split, key)]) for r in records
-                   if r.get("%s/%s" % (split, key)) is not None and "env_steps" in r]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, style, label=split, ms=3)
-        ax.set_xlabel("env steps")
-        ax.set_ylabel(key.replace("_", " "))
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
-    fig.tight_layout()
-    out = path or os.path.join(run_dir, "finetune_curves.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    panels = [Panel("", [("train/%s" % key, "train"), ("eval/%s" % key, "eval")], ylabel=key.replace("_", " "))
+              for key in ("success_rate", "return")]
+    return plot_run(run_dir, panels, "finetune_curves.png", path=path, panel_size=(5.0, 3.6))
 
 
 def finetune(cfg: Any) -> str:

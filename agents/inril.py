@@ -172,6 +172,22 @@ def load_il_data(meta: Dict[str, Any], normalizer: Any, dataset: Optional[str], 
     return il_ds, held, info
 
 
+# ---------------------------------------------------------------------------------------------- the IL loss
+def actor_il_loss(model: Any, batch: Dict[str, Any], generator: torch.Generator, obs_rms: Any = None) -> torch.Tensor:
+    """The imitation loss of a demo batch through the parameters RL trains, the one every agent's ``il_loss``
+    returns: a diffusion actor with a fine-tuned copy (DPPO, IDQL) its epsilon loss through the copy on the
+    timesteps the copy serves (``model.ft_timestep_range()``; DDPM ``[0, K')``, IDQL's whole chain ``[0, K)``),
+    any other model its own ``loss`` (a Gaussian policy's NLL). ``obs_rms`` (a running state normalizer,
+    ``normalize(x)``) is applied to ``obs["state"]`` first, as the agent's own acting transform."""
+    obs = dict(batch["obs"])
+    if obs_rms is not None and "state" in obs:
+        obs["state"] = obs_rms.normalize(obs["state"]).to(obs["state"].dtype)
+    batch = {"obs": obs, "actions": batch["actions"]}
+    if getattr(model, "ft_network", None) is not None:
+        return model.loss(batch, generator, network="ft", t_range=model.ft_timestep_range())[0]
+    return model.loss(batch, generator)[0]
+
+
 # ---------------------------------------------------------------------------------------------- the plug-in
 def _flat(grads: List[Optional[torch.Tensor]], params: List[torch.nn.Parameter]) -> torch.Tensor:
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
@@ -389,46 +405,18 @@ def build_inril(cfg: Any, agent: Any, meta: Dict[str, Any], normalizer: Any, dev
 
 # ---------------------------------------------------------------------------------------------- plot
 def plot_alignment(run_dir: str, path: Optional[str] = None) -> Optional[str]:
-    """``RUN_DIR/alignment.png``: cos(g_IL, g_RL), the two gradient norms, the held-out IL loss and m / lambda
-    against env steps (from metrics.jsonl)."""
-    from dpft.metrics import read_metrics
+    """``RUN_DIR/alignment.png``: cos(g_IL, g_RL), the two gradient norms (log scale), the held-out IL loss and
+    m / lambda against env steps (from metrics.jsonl, :func:`dpft.plotting.plot_run`); None when the run logged
+    none of them."""
+    from dpft.plotting import Panel, plot_run
 
-    recs = read_metrics(run_dir)
-
-    def series(key: str):
-        pts = [(r["env_steps"], r[key]) for r in recs if isinstance(r.get(key), (int, float)) and "env_steps" in r]
-        return list(zip(*pts)) if pts else None
-
-    if not any(series(k) for k in ("inril/cos", "inril/g_il_norm", "eval/il_loss_heldout")):
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    panels = [("cos(g_IL, g_RL)", [("inril/cos", "monitor"), ("inril/il_ref_cos_applied", "IL step vs reference")]),
-              ("gradient norm", [("inril/g_il_norm", "|g_IL|"), ("inril/g_rl_norm", "|g_RL|")]),
-              ("held-out IL loss", [("eval/il_loss_heldout", "held-out demos")]),
-              ("m / lambda", [("inril/m", "m"), ("cair/lambda", "lambda")])]
-    for ax, (title, keys) in zip(axes, panels):
-        for key, label in keys:
-            s = series(key)
-            if s:
-                ax.plot(s[0], s[1], "o-" if key.startswith("eval/") else "-", ms=3, label=label)
-        if title == "gradient norm" and ax.lines:
-            ax.set_yscale("log")
-        ax.set_title(title)
-        ax.set_xlabel("env steps")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
-    fig.tight_layout()
-    out = path or os.path.join(run_dir, "alignment.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    panels = [Panel("cos(g_IL, g_RL)", [("inril/cos", "monitor"),
+                                        ("inril/il_ref_cos_applied", "IL step vs reference")]),
+              Panel("gradient norm", [("inril/g_il_norm", "|g_IL|"), ("inril/g_rl_norm", "|g_RL|")], logy=True),
+              Panel("held-out IL loss", [("eval/il_loss_heldout", "held-out demos")]),
+              Panel("m / lambda", [("inril/m", "m"), ("cair/lambda", "lambda")])]
+    return plot_run(run_dir, panels, "alignment.png", path=path)
 
 
-__all__ = ["InRIL", "build_inril", "load_il_data", "plot_alignment", "validate_inril_config", "inril_active"]
+__all__ = ["InRIL", "build_inril", "load_il_data", "plot_alignment", "validate_inril_config", "inril_active",
+           "actor_il_loss"]

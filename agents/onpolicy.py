@@ -12,8 +12,8 @@ Per iteration (:meth:`OnPolicyAgent.update`):
    policy loss and the critic's ``0.5 (V - R)^2`` (optionally clipped around ``V_old``); if the minibatch's
    approximate KL (k3) exceeds ``target_kl`` the iteration's updates stop **before** that step is applied;
    gradients are checked for NaN/Inf through their one combined norm (the run stops with a message; the last good
-   checkpoint stays), clipped to ``max_grad_norm`` and applied by the two AdamW optimizers (actor and critic). During the first
-   ``n_critic_warmup_itr`` training iterations only the critic steps.
+   checkpoint stays), clipped to ``max_grad_norm`` and applied by the two AdamW optimizers (actor and critic).
+   During the first ``n_critic_warmup_itr`` training iterations only the critic steps.
 
 Subclass API: ``obs_to_model(raw)``, ``act(model_obs, deterministic) -> {"action": (N, Ta, Da), ...}``,
 ``actor_parameters()``, ``num_samples(rollout)``, ``policy_loss(rollout, flat, idx) -> (loss, info)`` and
@@ -201,14 +201,9 @@ class OnPolicyAgent:
         """(H-inril) The imitation loss on a demo batch through the parameters RL trains: DPPO the epsilon loss
         through the fine-tuned copy on the fine-tuned steps' timesteps (``model.ft_timestep_range()``), a
         Gaussian policy its NLL. Observations get the agent's own transform (running obs normalization)."""
-        obs = dict(batch["obs"])
-        rms = getattr(self, "obs_rms", None)
-        if rms is not None and "state" in obs:
-            obs["state"] = rms.normalize(obs["state"]).to(obs["state"].dtype)
-        batch = {"obs": obs, "actions": batch["actions"]}
-        if getattr(self.model, "ft_network", None) is not None:
-            return self.model.loss(batch, generator, network="ft", t_range=self.model.ft_timestep_range())[0]
-        return self.model.loss(batch, generator)[0]
+        from dpft.agents.inril import actor_il_loss  # the one IL loss of every agent (IDQL's too)
+
+        return actor_il_loss(self.model, batch, generator, getattr(self, "obs_rms", None))
 
     # ------------------------------------------------------------------ state
     def modules(self) -> Dict[str, nn.Module]:
@@ -233,7 +228,10 @@ def grad_total_norm(params: List[nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [torch.linalg.vector_norm(g) for g in grads]
+    if hasattr(torch, "_foreach_norm"):
+        norms = torch._foreach_norm(grads)
+    else:
+        norms = [torch.linalg.vector_norm(g) for g in grads]
     return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
 
 

@@ -15,9 +15,11 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
+
+from dpft.plotting import plot_bands, seed_band
 
 
 def read_curve(run_dir: str, x_key: str, y_key: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -40,15 +42,6 @@ def read_curve(run_dir: str, x_key: str, y_key: str) -> Tuple[np.ndarray, np.nda
         raise SystemExit("plot_seeds: no record of '%s' holds both '%s' and '%s'." % (path, x_key, y_key))
     order = np.argsort(xs, kind="stable")
     return np.asarray(xs)[order], np.asarray(ys)[order]
-
-
-def seed_band(curves: Sequence[Tuple[np.ndarray, np.ndarray]], points: int = 50):
-    """Common grid and mean/std over seeds of the interpolated curves."""
-    hi = min(float(c[0][-1]) for c in curves)
-    lo = max(float(c[0][0]) for c in curves)
-    grid = np.linspace(lo, hi, points) if hi > lo else np.array([hi])
-    vals = np.stack([np.interp(grid, x, y) for x, y in curves])
-    return grid, vals.mean(0), vals.std(0)
 
 
 def main(argv: List[str]) -> int:
@@ -76,25 +69,9 @@ def main(argv: List[str]) -> int:
         print("| %s | %d | %.3f +- %.3f | %s |" % (label, len(dirs), finals.mean(), finals.std(), reached))
         bands[label] = seed_band(curves)
     if a.out:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, (grid, mean, std) in bands.items():
-            n = len(groups[label])
-            ax.plot(grid, mean, label="%s (n=%d)" % (label, n))
-            ax.fill_between(grid, mean - std, mean + std, alpha=0.2)
-        for h in a.hline:
-            label, value = h.split("=", 1)
-            ax.axhline(float(value), ls="--", c="gray", lw=1)
-            ax.text(ax.get_xlim()[0], float(value), " " + label, va="bottom", fontsize=8, color="gray")
-        ax.set_xlabel(a.x)
-        ax.set_ylabel(a.y)
-        ax.set_title(a.title or a.y)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        fig.savefig(a.out, dpi=120)
+        hlines = [(h.split("=", 1)[0], float(h.split("=", 1)[1])) for h in a.hline]
+        plot_bands({label: band + (len(groups[label]),) for label, band in bands.items()}, a.out, a.x, a.y,
+                   title=a.title, hlines=hlines)
         print("wrote %s" % a.out)
     return 0
 
