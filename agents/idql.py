@@ -16,6 +16,13 @@ Per training iteration (DPPO's ``train_idql_diffusion_agent.py``, ``rl_recipes.m
    actor (:func:`dpft.rl.idql.idql_update`); the actor steps only after ``agent.n_critic_warmup_itr`` training
    iterations and when ``agent.train_actor``.
 
+IN-RIL / CAIR (:mod:`dpft.agents.inril`, docs/inril.md): the plug-in ``self.inril`` hooks IDQL's **actor**
+step, the only step that trains the policy: between its backward and its clip/step (reference RL direction,
+alignment monitor, CAIR's combined gradient) and after it (one RL step counted; every m-th is followed by one IL
+step: the actor's diffusion loss, :meth:`il_loss`, on a demo batch). So m counts actor gradient steps, which
+are ``replay_ratio / batch_size`` per new transition; critic-only (warm-up) steps are not counted.
+``inril.separation=network`` is refused (one policy network).
+
 Evaluation (and the saved checkpoint, policy kind ``"idql"``) samples ``num_candidates`` chunks deterministically
 and executes the argmax of the min target Q. The replay buffer, the critics and their optimizers are in the
 checkpoint's training state, so ``resume=true`` continues exactly.
@@ -67,6 +74,7 @@ class IDQLAgent:
                                         (int(policy.horizon_steps), int(policy.action_dim)))
         self.reward_scaler = _NoRewardScaling()
         self.train_iterations = 0
+        self.inril = None  # dpft.agents.inril.InRIL plug-in, attached by the trainer when configured
 
     # ------------------------------------------------------------------ acting (collector)
     def obs_to_model(self, raw_obs: Dict[str, Any], update: bool = False) -> Dict[str, torch.Tensor]:
@@ -111,15 +119,26 @@ class IDQLAgent:
         new = self.add_rollout(ro)
         actor_on = bool(st.train_actor) and self.train_iterations >= int(st.actor_warmup_itr)
         steps = gradient_steps(new, st.batch_size, st.replay_ratio)
-        info = idql_updates(self.ac, self.opts, self.replay, steps, st, generator=self.gen, update_actor=actor_on)
+        info = idql_updates(self.ac, self.opts, self.replay, steps, st, generator=self.gen, update_actor=actor_on,
+                            inril=self.inril)
         self.train_iterations += 1
         out = {"idql/%s" % k: v for k, v in info.items()}
+        if self.inril is not None:
+            out.update(self.inril.pop_metrics())
         out.update({"grad_steps": steps, "actor_updated": actor_on, "replay_size": len(self.replay),
                     "actor_lr": st.actor_lr, "critic_lr": st.q_lr})
         if "idql/actor_loss" in out:
             out["actor_loss"] = out["idql/actor_loss"]
         out["v_loss"] = out["idql/v_loss"]
         return out
+
+    def il_loss(self, batch: Dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        """IN-RIL's imitation loss on a demo batch: the actor's own diffusion loss (the loss of its RL step, on
+        demos instead of replayed chunks) through the fine-tuned copy on ``model.ft_timestep_range()``; the
+        same :func:`dpft.agents.inril.actor_il_loss` DPPO uses."""
+        from dpft.agents.inril import actor_il_loss
+
+        return actor_il_loss(self.model, batch, generator)
 
     # ------------------------------------------------------------------ state and checkpoints
     def actor_parameters(self) -> List[nn.Parameter]:

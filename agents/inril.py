@@ -4,17 +4,20 @@ m(t), CAIR's weighted CAGrad update, the gradient-alignment monitor and the held
 The math and its state live in :mod:`dpft.rl.inril` / :mod:`dpft.rl.grad` (docs/inril.md); this module wires
 them into the training loop. An agent takes part by having
 
-- ``actor_parameters()``: the parameters RL trains (DPPO's fine-tuned copy, the Gaussian policy);
-- ``il_loss(batch, generator) -> loss``: its own BC loss through those parameters (``OnPolicyAgent.il_loss``:
-  DPPO the epsilon loss through the fine-tuned copy on the timesteps ``model.ft_timestep_range()`` the
-  fine-tuned sampling steps serve, DDPM ``[0, K')``; Gaussian the NLL);
+- ``actor_parameters()``: the parameters RL trains (DPPO's and IDQL's fine-tuned copy, the Gaussian policy);
+- ``il_loss(batch, generator) -> loss``: its own BC loss through those parameters, :func:`actor_il_loss` for
+  every agent: DPPO and IDQL the epsilon loss through the fine-tuned copy on the timesteps
+  ``model.ft_timestep_range()`` the fine-tuned sampling steps serve (DDPM ``[0, K')``; IDQL's default
+  whole-chain copy: every timestep); Gaussian the NLL;
 - optional ``il_parameters()`` (network separation: residual PPO's base);
 - an ``inril`` attribute (None) and the two calls of the shared update: :meth:`InRIL.after_rl_backward` between
-  the RL backward and the optimizer steps (``after_backward`` hook) and :meth:`InRIL.after_rl_step` after each
-  actor optimizer step; :meth:`InRIL.pop_metrics` merged into the iteration's metrics.
+  the RL backward and the optimizer steps (``after_backward`` hook; IDQL: the actor step's backward in
+  :func:`dpft.rl.idql.idql_update`) and :meth:`InRIL.after_rl_step` after each actor optimizer step;
+  :meth:`InRIL.pop_metrics` merged into the iteration's metrics.
 
-Per RL gradient step (one PPO minibatch update whose actor step is applied; critic warm-up and target-KL
-stops are not RL steps):
+Per RL gradient step (PPO: one minibatch update whose actor step is applied; IDQL: one replay gradient step
+V -> Q -> target -> actor whose actor step runs, ``replay_ratio / batch_size`` of them per new transition;
+critic warm-up and target-KL stops are not RL steps):
 
 1. ``after_rl_backward``: the RL actor gradient (raw, before clipping) feeds the reference EMA (GradientEMA).
    Every ``inril.monitor_every`` RL steps -- and every step with CAIR -- an IL gradient is computed on a demo
@@ -59,7 +62,17 @@ def validate_inril_config(cfg: Any) -> None:
     """Checks of ``inril.*`` and ``cair.*`` (called by ``FinetuneConfig.validate``), each naming its key."""
     i, c = cfg.inril, cfg.cair
     parse_m(i.m, "inril.m")
+    if cfg.agent.name == "idql" and i.separation == "network":
+        raise DpftError("inril.separation=network is not available for agent=idql: IDQL's RL step (the actor's "
+                        "diffusion loss on the replayed chunks the critics chose) and the IL step train the same "
+                        "network, the fine-tuned diffusion actor (the frozen base is never trained and the critics "
+                        "are not a policy), so there is no second network to give the IL steps. Use "
+                        "inril.separation=none, pcgrad or upgrad.")
     validate_separation(i.separation, cfg.agent.name, "inril.separation")
+    if cfg.agent.name == "idql" and not bool(getattr(cfg.agent, "train_actor", True)) and inril_active(cfg):
+        raise DpftError("inril.m=%s / cair=%s interleave with (CAIR: reweights) IDQL's actor gradient steps, but "
+                        "agent.train_actor=false takes none; set agent.train_actor=true, or inril.m=inf cair=false."
+                        % (i.m, "true" if c.enabled else "false"))
     for key, value in (("inril.m_min", i.m_min), ("inril.m_max", i.m_max), ("inril.m_init", i.m_init)):
         if int(value) < 1:
             raise DpftError("%s=%s must be an integer >= 1." % (key, value))
@@ -386,8 +399,9 @@ def build_inril(cfg: Any, agent: Any, meta: Dict[str, Any], normalizer: Any, dev
     if not active and (int(cfg.inril.monitor_every) == 0 or not cfg.checkpoint or not supported):
         return None  # RL only, nothing to monitor (no demos from scratch; the agent has no IL loss yet)
     if not supported:
-        raise DpftError("agent=%s does not take IN-RIL / CAIR yet (inril.m=%s, cair=%s); use agent=dppo or agent=ppo, "
-                        "or inril.m=inf cair=false." % (cfg.agent.name, cfg.inril.m, cfg.cair.enabled))
+        raise DpftError("agent=%s does not take IN-RIL / CAIR yet (inril.m=%s, cair=%s); use agent=dppo, ppo, "
+                        "residual_ppo or idql, or inril.m=inf cair=false." % (cfg.agent.name, cfg.inril.m,
+                                                                             cfg.cair.enabled))
     if not cfg.checkpoint:
         raise DpftError("IN-RIL / CAIR (inril.m=%s, cair=%s) imitate the demonstrations of a pretrained checkpoint; a "
                         "from-scratch run (env=) has none. Pass checkpoint=RUN_DIR." % (cfg.inril.m, cfg.cair.enabled))

@@ -26,6 +26,7 @@ One update on a replay batch (:func:`idql_update`), in DPPO's order::
                  loss_q = mean((Q1 - y)^2) + mean((Q2 - y)^2)
     target step: Q' <- (1 - critic_tau) Q' + critic_tau Q
     actor step:  actor.loss({"obs": s, "actions": chunk}, network="ft")   # skipped during the warm-up
+    IN-RIL:      after every m-th actor step, one IL step (the same loss on a demo batch; docs/inril.md)
 
 Action selection (:meth:`IDQLActorCritic.select_actions`): ``N`` candidates per observation from one batched
 ``sample(num_samples=N)`` (each observation encoded once), scored by the **target** twin
@@ -300,13 +301,15 @@ def build_optimizers(ac: IDQLActorCritic, settings: IDQLSettings) -> Dict[str, t
 
 
 def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: List[nn.Parameter], name: str,
-          max_grad_norm: Optional[float]) -> None:
+          max_grad_norm: Optional[float], after_backward: Optional[Any] = None) -> None:
     if not bool(torch.isfinite(loss)):
         raise DpftError("The IDQL %s loss is %s; training stopped (the last good checkpoint is kept). Lower the "
                         "learning rates (agent.v_lr / agent.q_lr / agent.actor_lr), scale rewards down "
                         "(agent.reward_scale) or set agent.max_grad_norm." % (name, float(loss)))
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if after_backward is not None:  # IN-RIL: reads (CAIR: replaces) the raw gradient before clipping
+        after_backward()
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, float(max_grad_norm))
     opt.step()
@@ -314,7 +317,7 @@ def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: List[nn.Parame
 
 def idql_update(ac: IDQLActorCritic, optimizers: Mapping[str, torch.optim.Optimizer], batch: Mapping[str, Any],
                 settings: IDQLSettings, generator: Optional[torch.Generator] = None,
-                update_actor: bool = True) -> Dict[str, float]:
+                update_actor: bool = True, inril: Optional[Any] = None) -> Dict[str, float]:
     """One IDQL gradient step on a replay batch: V step -> Q step -> target update -> actor step.
 
     ``batch`` is :meth:`ChunkReplayBuffer.sample`'s layout: ``obs`` / ``next_obs`` model inputs (``"state"``
@@ -323,6 +326,11 @@ def idql_update(ac: IDQLActorCritic, optimizers: Mapping[str, torch.optim.Optimi
     ``terminated (B,)``. The actor step runs only when ``update_actor`` and an ``"actor"`` optimizer exists;
     its loss draws timesteps and noise from ``generator``. Returns floats: ``v_loss``, ``q_loss``, ``v``,
     ``q``, ``target`` (batch means) and ``actor_loss`` when the actor stepped.
+
+    ``inril`` (:class:`dpft.agents.inril.InRIL`, or None) takes part in the actor step only, as in the on-policy
+    update: ``inril.after_rl_backward()`` between the actor's backward and its clip/step (reference EMA, the
+    alignment monitor, CAIR's combined gradient) and ``inril.after_rl_step()`` after the actor's optimizer step
+    (counts one RL step; runs the IL step that falls due). A warm-up step (no actor step) is not an RL step.
     """
     s = ac.critic_obs(batch["obs"])
     s_next = ac.critic_obs(batch["next_obs"])
@@ -349,21 +357,25 @@ def idql_update(ac: IDQLActorCritic, optimizers: Mapping[str, torch.optim.Optimi
         actor = ac.actor
         loss_a, _ = actor.loss({"obs": dict(batch["obs"]), "actions": chunk}, generator=generator, network="ft",
                                t_range=actor.ft_timestep_range())
-        _step(optimizers["actor"], loss_a, actor.finetune_parameters(), "actor", mgn)
+        _step(optimizers["actor"], loss_a, actor.finetune_parameters(), "actor", mgn,
+              after_backward=inril.after_rl_backward if inril is not None else None)
         info["actor_loss"] = float(loss_a.detach())
+        if inril is not None:
+            inril.after_rl_step()
     return info
 
 
 def idql_updates(ac: IDQLActorCritic, optimizers: Mapping[str, torch.optim.Optimizer], replay: Any, steps: int,
                  settings: IDQLSettings, generator: Optional[torch.Generator] = None,
-                 update_actor: bool = True) -> Dict[str, float]:
+                 update_actor: bool = True, inril: Optional[Any] = None) -> Dict[str, float]:
     """``steps`` calls of :func:`idql_update`, each on a fresh ``replay.sample(batch_size, generator)``;
-    returns the means of the per-step infos and ``grad_steps``. The batch is moved to the critics' device."""
+    returns the means of the per-step infos and ``grad_steps``. The batch is moved to the critics' device.
+    ``inril`` is passed to every :func:`idql_update` (its IL steps interleave with the actor steps)."""
     device = next(ac.value.parameters()).device
     sums = {}  # type: Dict[str, float]
     for _ in range(int(steps)):
         batch = replay.sample(settings.batch_size, generator=generator, device=device)
-        for k, val in idql_update(ac, optimizers, batch, settings, generator, update_actor).items():
+        for k, val in idql_update(ac, optimizers, batch, settings, generator, update_actor, inril=inril).items():
             sums[k] = sums.get(k, 0.0) + val
     out = {k: val / max(1, int(steps)) for k, val in sums.items()}
     out["grad_steps"] = int(steps)
