@@ -165,7 +165,7 @@ class OnPolicyAgent:
                     raise DpftError("The %s update produced NaN/Inf gradients at training iteration %d (policy loss "
                                     "%s, value loss %s); training stopped, the last good checkpoint is kept. Lower "
                                     "agent.actor_lr / agent.critic_lr or set agent.max_grad_norm."
-                                    % (self.name, self.train_iterations, float(pg), float(vl)))
+                                    % (self.name, self.train_iterations, float(pg.detach()), float(vl.detach())))
                 self.critic_opt.step()
                 if actor_on:
                     self.actor_opt.step()
