@@ -116,6 +116,21 @@ def seed_band(curves: Sequence[Tuple[np.ndarray, np.ndarray]], points: int = 50)
     return grid, vals.mean(0), vals.std(0)
 
 
+def first_reach(grid: np.ndarray, mean: np.ndarray, target: float) -> Optional[float]:
+    """The first ``grid`` x at which ``mean`` reaches ``target`` (``mean >= target``), linearly interpolated
+    between the two grid points around the crossing; ``None`` if it never does. Shapes: ``grid, mean (P,)``."""
+    grid = np.asarray(grid, dtype=float)
+    mean = np.asarray(mean, dtype=float)
+    hit = np.nonzero(mean >= float(target))[0]
+    if hit.size == 0:
+        return None
+    i = int(hit[0])
+    if i == 0:
+        return float(grid[0])
+    x0, x1, y0, y1 = grid[i - 1], grid[i], mean[i - 1], mean[i]
+    return float(x0 + (x1 - x0) * (float(target) - y0) / (y1 - y0))
+
+
 def plot_bands(bands: Mapping[str, Tuple[np.ndarray, np.ndarray, np.ndarray, int]], path: str, x_label: str,
                y_label: str, title: str = "", hlines: Sequence[Tuple[str, float]] = (), dpi: int = 120) -> str:
     """Mean +- std bands: ``bands[label] = (grid, mean, std, seeds)`` (:func:`seed_band` and the seed count),

@@ -60,6 +60,35 @@ def test_seed_band_and_plot_bands(tmp_path):
     assert os.path.isfile(out)
 
 
+def test_first_reach_interpolates_the_crossing():
+    from dpft.plotting import first_reach
+
+    grid = np.array([0.0, 10.0, 20.0, 30.0])
+    mean = np.array([1.0, 2.0, 6.0, 5.0])
+    assert first_reach(grid, mean, 4.0) == pytest.approx(15.0)  # 10 + 10 * (4 - 2) / (6 - 2)
+    assert first_reach(grid, mean, 6.0) == pytest.approx(20.0)  # reached exactly at a grid point
+    assert first_reach(grid, mean, 0.5) == 0.0
+    assert first_reach(grid, mean, 6.5) is None
+
+
+def test_plot_seeds_reach_table(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "plot_seeds", os.path.join(os.path.dirname(__file__), "..", "tools", "plot_seeds.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rl, fast = str(tmp_path / "rl"), str(tmp_path / "fast")
+    _write(rl, [{"env_steps": 0, "eval/return": 0.0}, {"env_steps": 100, "eval/return": 10.0}])
+    _write(fast, [{"env_steps": 0, "eval/return": 0.0}, {"env_steps": 100, "eval/return": 20.0}])
+    assert mod.main(["RL=" + rl, "fast=" + fast, "--reach", "RL"]) == 0
+    out = capsys.readouterr().out
+    assert "| RL | 100 | 1.00x |" in out
+    assert "| fast | 50 | 0.50x |" in out  # 20 * x / 100 = 10 at x = 50
+    with pytest.raises(SystemExit, match="--reach nope is not one of the groups"):
+        mod.main(["RL=" + rl, "--reach", "nope"])
+
+
 def test_finetune_and_alignment_pngs_use_the_helper(tmp_path):
     from dpft.agents.finetune import plot_finetune_curves
     from dpft.agents.inril import plot_alignment

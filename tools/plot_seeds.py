@@ -8,6 +8,10 @@ Each positional argument is ``LABEL=RUN_DIR[,RUN_DIR...]`` (one run per seed). R
 of ``x`` (up to the shortest run's last ``x``, so every point averages all seeds) and the mean and standard
 deviation (population, ``ddof=0``) over seeds are plotted as a line and a band. The final value of each seed
 is its last record; the table prints ``mean +- std (n=seeds)`` and the ``x`` each run reached.
+
+``--reach LABEL`` adds a second table: for every group, the ``x`` at which its mean curve first reaches the
+final mean of group ``LABEL`` (interpolated between grid points; :func:`dpft.plotting.first_reach`) and its
+ratio to ``LABEL``'s own (the IN-RIL paper's "0.44x the env steps of RL-only").
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from dpft.plotting import plot_bands, seed_band
+from dpft.plotting import first_reach, plot_bands, seed_band
 
 
 def read_curve(run_dir: str, x_key: str, y_key: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -52,6 +56,7 @@ def main(argv: List[str]) -> int:
     p.add_argument("--out", default=None, help="PNG path")
     p.add_argument("--title", default="")
     p.add_argument("--hline", action="append", default=[], help="LABEL=VALUE horizontal reference line")
+    p.add_argument("--reach", default=None, help="LABEL of the group whose final mean the others must reach")
     a = p.parse_args(argv)
     groups = {}  # type: Dict[str, List[str]]
     for g in a.groups:
@@ -61,13 +66,27 @@ def main(argv: List[str]) -> int:
         groups[label] = [d for d in dirs.split(",") if d]
     print("| method | seeds | final %s (mean +- std) | %s reached |" % (a.y, a.x))
     print("|---|---|---|---|")
+    if a.reach is not None and a.reach not in groups:
+        raise SystemExit("plot_seeds: --reach %s is not one of the groups %s." % (a.reach, list(groups)))
     bands = {}
+    finals_of = {}
     for label, dirs in groups.items():
         curves = [read_curve(d, a.x, a.y) for d in dirs]
         finals = np.array([c[1][-1] for c in curves])
         reached = sorted(int(c[0][-1]) for c in curves)
         print("| %s | %d | %.3f +- %.3f | %s |" % (label, len(dirs), finals.mean(), finals.std(), reached))
         bands[label] = seed_band(curves)
+        finals_of[label] = float(finals.mean())
+    if a.reach is not None:
+        target = finals_of[a.reach]
+        ref = first_reach(bands[a.reach][0], bands[a.reach][1], target)
+        print()
+        print("| method | %s to reach %s's final mean %.3f | ratio to %s |" % (a.x, a.reach, target, a.reach))
+        print("|---|---|---|")
+        for label, (grid, mean, _std) in bands.items():
+            x = first_reach(grid, mean, target)
+            ratio = "%.2fx" % (x / ref) if x is not None and ref else "-"
+            print("| %s | %s | %s |" % (label, "not reached" if x is None else "%d" % round(x), ratio))
     if a.out:
         hlines = [(h.split("=", 1)[0], float(h.split("=", 1)[1])) for h in a.hline]
         plot_bands({label: band + (len(groups[label]),) for label, band in bands.items()}, a.out, a.x, a.y,

@@ -101,7 +101,8 @@ class AgentConfig:
 class InrilConfig:
     """IN-RIL (interleaved IL/RL) and the gradient-alignment monitor; agents/inril.py, docs/inril.md."""
 
-    m: str = _f("inf", "RL gradient steps per IL step: an integer >= 1, inf (RL only, the baseline) or adaptive")
+    m: str = _f("inf", "RL gradient steps per IL step (IDQL: actor gradient steps): an integer >= 1, inf (RL only, "
+                "the baseline) or adaptive")
     separation: str = _f("none", "IL-step gradient rule: none | pcgrad | upgrad | network (agent=residual_ppo only)")
     m_min: int = _f(1, "adaptive m: lower clip of m(t)")
     m_max: int = _f(100, "adaptive m: upper clip of m(t)")
