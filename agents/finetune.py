@@ -453,6 +453,10 @@ def plot_finetune_curves(run_dir: str, path: Optional[str] = None) -> Optional[s
 
 def finetune(cfg: Any) -> str:
     """Run ``dpft finetune`` for a composed config; returns the final checkpoint directory."""
+    if str(cfg.agent.name) == "cmil":  # (H-cmil) its own loop: world model + imagination, agents/cmil.py
+        from dpft.agents.cmil import cmil_train
+
+        return cmil_train(cfg)
     trainer = Finetuner(cfg)
     try:
         return trainer.run()
