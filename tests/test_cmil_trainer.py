@@ -228,6 +228,8 @@ def test_errors(pix_hdf5, tmp_path):
     with pytest.raises(DpftError, match="only read by agent=cmil"):
         to_object(compose("finetune", ["agent=ppo", "env=hopper", "dataset=%s" % pix_hdf5,
                                        "out=%s" % (tmp_path / "z")])).validate()
+    with pytest.raises(DpftError, match=r"cmil.deter=0 must be >= 1"):
+        to_object(_cfg(pix_hdf5, str(tmp_path / "w"), "cmil.deter=0")).validate()
     with pytest.raises(DpftError, match="reward_form"):
         to_object(_cfg(pix_hdf5, str(tmp_path / "w"), "cmil.reward_form=logit")).validate()
     # a non-CMIL checkpoint cannot initialize the DreamerV2 encoder
@@ -251,3 +253,21 @@ def test_cli_presets_compose():
         cfg = to_object(compose("finetune", ["agent=cmil", "preset=" + preset, "dataset=d.hdf5", "out=r"]))
         cfg.validate()
         assert cfg.cmil.deter == deter and cfg.envs == 1
+
+
+def test_proprio_option_update_and_policy(pix_hdf5, tmp_path):
+    from dpft.agents.cmil import CmilTrainer
+
+    tr = CmilTrainer(_cfg(pix_hdf5, str(tmp_path / "p"), "cmil.proprio=true", "cmil.proprio_keys=[robot0_eef_pos]"),
+                     env_fns=[PixelReach])
+    try:
+        assert tr.meta["obs_keys"] == ["agentview_image", "robot0_eef_pos"] and tr.model.wm_cfg.proprio_dim == 3
+        batch = tr._sample(tr.replay)
+        assert batch["proprio"].shape == (2, 6, 3)
+        info = tr.learner.update(batch, tr._sample(tr.expert))
+        assert np.isfinite(info["proprio_loss"])
+        tr.reset_envs()
+        out = tr.collect_and_train(3)
+        assert out["env_steps"] == 3 and len(tr._pending[0]["proprio"]) == 4
+    finally:
+        tr.close()

@@ -7,11 +7,20 @@ loads this schema without torch). Annotations use ``typing`` (OmegaConf evaluate
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, List
 
-from dpft.config import RANGES, _INF, _f
 from dpft.errors import DpftError
+
+_INF = float("inf")
+
+
+def _f(default: Any = None, help: str = "", factory: Any = None) -> Any:
+    """:func:`dpft.config._f` (a field with its help text). Not imported: dpft.config imports this module's
+    importer (dpft.rl.config) at its end, so importing it here first would be circular."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -29,7 +38,7 @@ class CmilConfig:
     hidden: int = _f(200, "RSSM hidden size (paper 400)")
     depth: int = _f(16, "CNN depth of encoder and decoder (paper 48)")
     ensemble: int = _f(5, "prior heads K of the RSSM ensemble (paper 10)")
-    mlp_units: int = _f(200, "width of the proprio MLPs and of actor/critic by default (paper 400)")
+    mlp_units: int = _f(200, "width of the world model's proprio MLPs (encoder and decoder, cmil.proprio=true; paper 400)")
     kl_balance: float = _f(0.8, "KL balance: weight of KL(sg(post) || prior)")
     kl_free: float = _f(1.0, "free nats (clip of the mean KL)")
     # imagination and returns
@@ -73,7 +82,8 @@ class CmilConfig:
     model_wd: float = _f(1e-6, "world-model weight decay")
 
 
-RANGES["CmilConfig"] = [
+#: ranges of the numeric cmil.* keys, in dpft.config.RANGES form (registered by :func:`validate_cmil`)
+CMIL_RANGES = [
     ("deter", 1, _INF, True, True, False, ""), ("stoch", 1, _INF, True, True, False, ""),
     ("hidden", 1, _INF, True, True, False, ""), ("depth", 1, _INF, True, True, False, ""),
     ("ensemble", 1, _INF, True, True, False, ""), ("mlp_units", 1, _INF, True, True, False, ""),
@@ -99,6 +109,10 @@ RANGES["CmilConfig"] = [
 
 def validate_cmil(cfg: Any) -> None:
     """Cross-field checks of ``dpft finetune`` with ``agent=cmil`` (or with ``dataset=``), each naming its key."""
+    from dpft.config import RANGES, check_ranges
+
+    RANGES.setdefault("CmilConfig", CMIL_RANGES)
+    check_ranges(cfg.cmil, "cmil.")
     name = cfg.agent.name
     if name != "cmil":
         raise DpftError("dataset=%s is only read by agent=cmil (the other agents fine-tune checkpoint=RUN_DIR; "
