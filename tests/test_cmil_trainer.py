@@ -213,6 +213,16 @@ def test_policy_kind_stateful_reset_in_rollout(pix_hdf5, tmp_path):
     res = rollout(p, [PixelReach, PixelReach], episodes=3, seed=5, mode="inline", progress=False)
     assert res["num_episodes"] == 3
     assert calls[0] is None and ([0] in calls or [1] in calls)  # all rows at the start, then the finished row
+    # checkpoint=<a CMIL run> initializes the encoder (only the encoder) from it
+    from dpft.agents.cmil import CmilTrainer
+
+    tr = CmilTrainer(_cfg(pix_hdf5, str(tmp_path / "init"), "checkpoint=%s" % out, "seed=7"), env_fns=[PixelReach])
+    try:
+        for k, v in p.model.wm.encoder.state_dict().items():
+            assert torch.equal(tr.model.wm.encoder.state_dict()[k], v)
+        assert not torch.equal(next(tr.model.actor.parameters()), next(p.model.actor.parameters()))  # seed 7
+    finally:
+        tr.close()
 
 
 def test_errors(pix_hdf5, tmp_path):
