@@ -268,7 +268,8 @@ def test_cli_presets_compose():
 def test_proprio_option_update_and_policy(pix_hdf5, tmp_path):
     from dpft.agents.cmil import CmilTrainer
 
-    tr = CmilTrainer(_cfg(pix_hdf5, str(tmp_path / "p"), "cmil.proprio=true", "cmil.proprio_keys=[robot0_eef_pos]"),
+    tr = CmilTrainer(_cfg(pix_hdf5, str(tmp_path / "p"), "cmil.proprio=true", "cmil.proprio_keys=[robot0_eef_pos]",
+                          "cmil.seed_action=random"),
                      env_fns=[PixelReach])
     try:
         assert tr.meta["obs_keys"] == ["agentview_image", "robot0_eef_pos"] and tr.model.wm_cfg.proprio_dim == 3
@@ -279,5 +280,7 @@ def test_proprio_option_update_and_policy(pix_hdf5, tmp_path):
         tr.reset_envs()
         out = tr.collect_and_train(3)
         assert out["env_steps"] == 3 and len(tr._pending[0]["proprio"]) == 4
+        acts = np.stack(tr._pending[0]["action"][1:])  # uniform random seed actions in the normalized box
+        assert acts.shape == (3, 3) and np.all(np.abs(acts) <= 1.0) and out["infos"] == []
     finally:
         tr.close()
