@@ -87,6 +87,9 @@ class Finetuner:
         self.cfg = to_object(cfg)
         self.cfg.validate()
         c = self.cfg
+        if c.agent.name not in AGENTS:  # (H-cmil) agent=cmil has its own trainer
+            raise DpftError("agent=%s is not run by Finetuner; use dpft.agents.finetune.finetune(cfg), which hands "
+                            "agent=cmil to dpft.agents.cmil.CmilTrainer." % c.agent.name)
         self.config_yaml = to_yaml(cfg)
         self.config_dict = OmegaConf.to_container(cfg, resolve=True)
         self.device = resolve_device(c.device)

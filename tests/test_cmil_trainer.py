@@ -233,6 +233,12 @@ def test_errors(pix_hdf5, tmp_path):
     write_robomimic_hdf5(low, obs_spec=OBS_SPEC, action_dim=3)
     with pytest.raises(DpftError, match=r"no camera key 'agentview_image'.*robot0_eef_pos"):
         CmilTrainer(_cfg(str(low), str(tmp_path / "x")), env_fns=[PixelReach])
+    from dpft.agents.finetune import Finetuner, finetune
+
+    with pytest.raises(DpftError, match=r"no camera key"):  # finetune() hands agent=cmil to the CMIL trainer
+        finetune(_cfg(str(low), str(tmp_path / "x2")))
+    with pytest.raises(DpftError, match="not run by Finetuner"):
+        Finetuner(_cfg(pix_hdf5, str(tmp_path / "x3")))
     with pytest.raises(DpftError, match="agent=cmil needs dataset="):
         to_object(compose("finetune", ["agent=cmil", "out=%s" % (tmp_path / "y")])).validate()
     with pytest.raises(DpftError, match="only read by agent=cmil"):
