@@ -87,6 +87,9 @@ class Finetuner:
         self.cfg = to_object(cfg)
         self.cfg.validate()
         c = self.cfg
+        if c.agent.name not in AGENTS:  # (H-cmil) agent=cmil has its own trainer
+            raise DpftError("agent=%s is not run by Finetuner; use dpft.agents.finetune.finetune(cfg), which hands "
+                            "agent=cmil to dpft.agents.cmil.CmilTrainer." % c.agent.name)
         self.config_yaml = to_yaml(cfg)
         self.config_dict = OmegaConf.to_container(cfg, resolve=True)
         self.device = resolve_device(c.device)
@@ -453,6 +456,10 @@ def plot_finetune_curves(run_dir: str, path: Optional[str] = None) -> Optional[s
 
 def finetune(cfg: Any) -> str:
     """Run ``dpft finetune`` for a composed config; returns the final checkpoint directory."""
+    if str(cfg.agent.name) == "cmil":  # (H-cmil) its own loop: world model + imagination, agents/cmil.py
+        from dpft.agents.cmil import cmil_train
+
+        return cmil_train(cfg)
     trainer = Finetuner(cfg)
     try:
         return trainer.run()

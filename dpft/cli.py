@@ -33,8 +33,9 @@ def _schema_help(command: str, summary: str, examples: List[str]) -> str:
     lines += ["", "Options (key, default, meaning):"]
     lines += describe_schema(SCHEMAS[command])
     if command == "finetune":
-        lines += ["", "Config groups: agent=dppo | ppo | residual_ppo | idql (cfg/agent/*.yaml); preset=<agent>_<family> (cfg/preset/*.yaml) is",
-                  "chosen from the checkpoint's env family (robomimic, gym, furniture; scratch with env=) unless given."]
+        lines += ["", "Config groups: agent=dppo | ppo | residual_ppo | idql | cmil (cfg/agent/*.yaml); preset=<agent>_<family> (cfg/preset/*.yaml) is",
+                  "chosen from the checkpoint's env family (robomimic, gym, furniture; scratch with env=) unless given;",
+                  "agent=cmil (dataset=DEMOS.hdf5) uses preset=cmil_cpu (cmil_paper with device=cuda)."]
     if command == "pretrain":
         lines += ["", "Config groups: policy=diffusion_mlp | diffusion_unet | gaussian_mlp (cfg/policy/*.yaml).",
                   "Data-parallel: torchrun --nproc_per_node N $(which dpft) pretrain ... (batch_size is global)."]
@@ -65,7 +66,8 @@ HELP = {
          "dpft finetune agent=ppo checkpoint=runs/lift_gauss out=runs/lift_ppo",
          "dpft finetune agent=ppo env=hopper out=runs/hopper_ppo iterations=488   # CleanRL-style, ~1M steps",
          "dpft finetune agent=dppo checkpoint=runs/lift out=runs/lift_dppo resume=true   # continue exactly",
-         "dpft finetune agent=dppo checkpoint=runs/lift out=runs/x agent.ft_denoising_steps=5 agent.clip_coef=0.02"],
+         "dpft finetune agent=dppo checkpoint=runs/lift out=runs/x agent.ft_denoising_steps=5 agent.clip_coef=0.02",
+         "dpft finetune agent=cmil dataset=data/lift_pix.hdf5 out=runs/lift_cmil   # CMIL from pixel demos, no rewards"],
     ),
     "rollout": (
         "Roll out a checkpoint in the environment rebuilt from its metadata; print and write result.json.",
@@ -160,6 +162,8 @@ def _with_preset(args: List[str]) -> List[str]:
         return args
     opts = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
     agent = opts.get("agent", "dppo")
+    if agent == "cmil":  # (H-cmil) reduced sizes on CPU, the reference sizes with device=cuda
+        return ["preset=" + ("cmil_paper" if opts.get("device", "cpu").startswith("cuda") else "cmil_cpu")] + list(args)
     family = None
     if opts.get("env") not in (None, "", "null"):
         family = "scratch"

@@ -262,7 +262,7 @@ def build_model_from_meta(config: Any, meta: Mapping[str, Any]) -> nn.Module:
 #: ``act(obs, deterministic=True, generator=None)`` and ``reset(rows=None)``; kinds not listed here
 #: ("diffusion", "gaussian", and checkpoints without the key) are built by :func:`load_policy` itself.
 POLICY_KINDS = {}  # type: Dict[str, Any]
-_KIND_MODULES = {"residual": "dpft.rl.residual", "idql": "dpft.rl.idql"}
+_KIND_MODULES = {"residual": "dpft.rl.residual", "idql": "dpft.rl.idql", "cmil": "dpft.rl.cmil_policy"}
 
 
 def register_policy_kind(kind: str, builder: Any) -> None:

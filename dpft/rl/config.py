@@ -16,8 +16,9 @@ from typing import List, Optional
 
 from dpft.config import _f, check_ranges
 from dpft.errors import DpftError
+from dpft.rl.cmil_config import CmilConfig  # (H-cmil) agent=cmil settings, cmil.<key>=
 
-AGENT_NAMES = ("dppo", "ppo", "idql", "residual_ppo")
+AGENT_NAMES = ("dppo", "ppo", "idql", "residual_ppo", "cmil")
 LOGGERS = ("none", "wandb")
 
 
@@ -25,7 +26,7 @@ LOGGERS = ("none", "wandb")
 class AgentConfig:
     """Hyperparameters of the RL agents (DPPO defaults; see ``cfg/agent/*.yaml`` and ``cfg/preset/``)."""
 
-    name: str = _f("dppo", "dppo | ppo | idql | residual_ppo")
+    name: str = _f("dppo", "dppo | ppo | idql | residual_ppo | cmil")
     # optimisation
     actor_lr: float = _f(1e-4, "actor learning rate (AdamW)")
     critic_lr: float = _f(1e-3, "critic learning rate (AdamW)")
@@ -162,6 +163,8 @@ class FinetuneConfig:
     progress: bool = _f(True, "show a progress bar")
     inril: InrilConfig = _f(factory=InrilConfig, help="IN-RIL interleaving, separation and monitor (H-inril)")
     cair: CairConfig = _f(factory=CairConfig, help="CAIR adaptive IL/RL weighting (H-inril)")
+    dataset: Optional[str] = _f(None, "agent=cmil only: robomimic HDF5 of pixel demos (the env comes from its env_args)")
+    cmil: CmilConfig = _f(factory=CmilConfig, help="CMIL settings (agent=cmil; presets cmil_cpu, cmil_paper)")
 
     @staticmethod
     def rewrite_overrides(overrides: List[str]) -> List[str]:
@@ -180,6 +183,13 @@ class FinetuneConfig:
         a = self.agent
         if not self.out:
             raise DpftError("out=FT_DIR is required: the run directory of the fine-tuning run.")
+        if a.name == "cmil" or self.dataset:  # (H-cmil) its own checks (dataset=, no env=, cmil.*)
+            from dpft.rl.cmil_config import validate_cmil
+
+            validate_cmil(self)
+            if self.logger not in LOGGERS:
+                raise DpftError("logger=%r is not known; expected none or wandb." % (self.logger,))
+            return
         if a.name not in AGENT_NAMES:
             raise DpftError("agent=%r is not known; expected one of %s." % (a.name, ", ".join(AGENT_NAMES)))
         if not self.checkpoint and not self.env:
@@ -241,4 +251,4 @@ class FinetuneConfig:
 RESUME_MAY_CHANGE = ("iterations", "save_every", "eval_every", "keep_checkpoints", "device", "num_threads",
                      "logger", "wandb_project", "wandb_mode", "progress", "resume", "overwrite", "out", "checkpoint")
 
-__all__ = ["AgentConfig", "InrilConfig", "CairConfig", "FinetuneConfig", "AGENT_NAMES", "RESUME_MAY_CHANGE"]
+__all__ = ["AgentConfig", "InrilConfig", "CairConfig", "CmilConfig", "FinetuneConfig", "AGENT_NAMES", "RESUME_MAY_CHANGE"]
