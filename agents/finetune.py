@@ -239,9 +239,13 @@ class Finetuner:
             raise DpftError("The checkpoint has no env_args in its meta.json (its dataset had no "
                             "data.attrs['env_args']), so the environment to fine-tune in cannot be rebuilt.")
         kind = env_kind(env_args)
-        if kind == "furniture":
-            raise DpftError("dpft finetune does not drive FurnitureBench yet (Isaac Gym); robosuite and gym envs are "
-                            "supported.")
+        if kind == "furniture":  # one GPU-batched env holds all envs; its tensors stay on its device
+            from dpft.envs.furniture import furniture_env_from_args
+
+            return furniture_env_from_args(env_args, int(num_envs or c.envs), int(meta["act_steps"]),
+                                           int(meta["cond_steps"]), device=self.device,
+                                           max_episode_steps=c.max_episode_steps or None,
+                                           terminate_on_success=bool(c.terminate_on_success), return_torch=True)
         options = {"terminate_on_success": bool(c.terminate_on_success)}
         if c.max_episode_steps:
             options["max_episode_steps"] = int(c.max_episode_steps)

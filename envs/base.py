@@ -143,6 +143,14 @@ class BatchedEnv:
         self.close()
 
 
+def as_numpy(x: Any) -> Any:
+    """``x`` as a numpy array: torch tensors (FurnitureEnv with ``return_torch=True`` gives them on the GPU) are
+    copied to the host; numpy arrays and other array-likes pass through ``np.asarray``."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
 def resolve_task_name(task: str, tasks: Dict[str, str], kind: str) -> str:
     """The simulator's env name for a short task name (``"lift"``) or one of the names in ``tasks`` itself
     (case-insensitive); :class:`DpftError` listing the known tasks otherwise."""
