@@ -214,3 +214,26 @@ def test_unknown_simulator_is_refused_naming_the_key(tmp_path, runs):
         args = furniture_env_args("fake")
         args["env_kwargs"]["action_type"] = "delta"
         furniture_env_from_args(args, 1, 2, 1)
+
+
+def test_a_reset_episode_starts_with_the_open_gripper_command():
+    """The fork keeps ``last_grasp`` across resets: after an episode that closed the gripper (+1), a first action
+    with |grasp| <= grasp_margin (0.019) would close it again. FurnitureEnv resets the command to "open" (-1) with
+    every reset, so the width stays at one_leg's max 0.065 (0.065 + 0.5 * (0.065 - 0.065)), as in a fresh env."""
+    env = make_furniture_env("one_leg", num_envs=2, act_steps=1, max_episode_steps=3, device="cpu",
+                             env_cls=FakeFurnitureRLSimEnv)
+    chunk = np.zeros((2, 1, 10), np.float32)
+    chunk[..., :3] = [0.45, 0.0, 0.25]
+    chunk[..., 3:9] = DOWN6D
+    chunk[..., 9] = 1.0  # close
+    env.reset(seeds=[0, 0])
+    closed = env.step(chunk).obs["robot_state"][:, -1, 15]
+    np.testing.assert_allclose(closed, 0.0325, atol=1e-6)  # half-way from 0.065 to 0
+    chunk[..., 9] = 0.01  # inside the margin: keep the current command
+    for reset in (lambda: env.reset(seeds=[0, 0]),  # full reset (iteration boundary)
+                  lambda: [env.step(chunk) for _ in range(2)]):  # auto-reset at the time limit (3 steps)
+        env.step(np.concatenate([chunk[..., :9], np.ones((2, 1, 1), np.float32)], -1))  # close again
+        reset()
+        width = env.step(chunk).obs["robot_state"][:, -1, 15]
+        np.testing.assert_allclose(width, 0.065, atol=1e-6)
+    env.close()
