@@ -239,8 +239,15 @@ class Finetuner:
             raise DpftError("The checkpoint has no env_args in its meta.json (its dataset had no "
                             "data.attrs['env_args']), so the environment to fine-tune in cannot be rebuilt.")
         kind = env_kind(env_args)
+        if c.simulator is not None and kind != "furniture":
+            raise DpftError("simulator=%s applies to FurnitureBench checkpoints only; this one's env is %s."
+                            % (c.simulator, kind))
         if kind == "furniture":  # one GPU-batched env holds all envs; its tensors stay on its device
             from dpft.envs.furniture import furniture_env_from_args
+
+            if c.simulator is not None:  # recorded in the run's meta, so its checkpoints roll out the same way
+                env_args = dict(env_args, env_kwargs=dict(env_args.get("env_kwargs") or {}, simulator=c.simulator))
+                meta["env_args"] = env_args
 
             return furniture_env_from_args(env_args, int(num_envs or c.envs), int(meta["act_steps"]),
                                            int(meta["cond_steps"]), device=self.device,

@@ -144,8 +144,9 @@ def cmd_pretrain(args: List[str]) -> int:
 
 
 def cmd_finetune(args: List[str]) -> int:
-    ckpt = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-")).get("checkpoint")
-    if ckpt and os.path.exists(ckpt):
+    opts = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+    ckpt = opts.get("checkpoint")
+    if ckpt and os.path.exists(ckpt) and opts.get("simulator") != "fake":
         from dpft.envs.registry import import_isaacgym_if_needed
 
         import_isaacgym_if_needed(ckpt)  # FurnitureBench on Isaac Gym: before anything imports torch

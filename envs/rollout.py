@@ -574,8 +574,10 @@ def rollout_checkpoint(
     ``dpft rollout``), ...). The defaults are those of ``dpft rollout`` (:class:`dpft.config.RolloutConfig`):
     ``episodes=10``, ``seed=100000`` (away from the demo seeds 0, 1, ...), episodes end on success.
     ``verify=False`` loads a checkpoint whose files fail their checksums (``--no-verify``). FurnitureBench
-    (``type`` ``"furniture"``) is built with :func:`dpft.envs.furniture.make_furniture_env` on the GPU (``device``
-    when it is a CUDA device, else ``"cuda"``) and run in waves; it cannot record videos.
+    (``type`` ``"furniture"``) is built by :func:`dpft.envs.furniture.furniture_env_from_args`: Isaac Gym on the GPU
+    (``device`` when it is a CUDA device, else ``"cuda"``), or the CPU fake when ``env_args["env_kwargs"]["simulator"]``
+    is ``"fake"`` (``env_overrides={"env_kwargs": {"simulator": "fake"}}`` dry-runs any furniture checkpoint); it
+    runs in waves and cannot record videos.
 
     Raises:
         DpftError: the checkpoint does not exist, has no env_args, or its obs keys are not produced by the env.
@@ -588,7 +590,8 @@ def rollout_checkpoint(
         raise DpftError("rollout_checkpoint: num_envs must be >= 1, got %r." % (num_envs,))
     from dpft.envs.registry import import_isaacgym_if_needed
 
-    import_isaacgym_if_needed(path)  # Isaac Gym refuses to load after torch
+    if ((env_overrides or {}).get("env_kwargs") or {}).get("simulator") != "fake":
+        import_isaacgym_if_needed(path)  # Isaac Gym refuses to load after torch
     import dpft
 
     if out_dir is not None:  # writable (videos/ too) before the policy is loaded and any episode runs
