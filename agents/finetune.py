@@ -32,7 +32,16 @@ Agents are registered in :data:`AGENTS` with the policy type their checkpoint mu
 
 What is exact on resume: on CPU, with ``reset_at_iteration=true``, a run killed at any point and resumed from
 its newest checkpoint ends with the same weights as an uninterrupted run for gym (in-process, seeded) and
-robosuite (worker processes, seeded resets) envs. FurnitureBench (Isaac Gym, GPU) is not bit-exact.
+robosuite (worker processes, seeded resets) envs. FurnitureBench (``env_args`` kind ``"furniture"``) runs ONE
+GPU-batched :class:`~dpft.envs.furniture.FurnitureEnv` holding all ``envs`` envs, built by
+:func:`~dpft.envs.furniture.furniture_env_from_args` (``env_kwargs.simulator``: ``isaacgym`` or the CPU ``fake``;
+``simulator=`` overrides it and is recorded in the run's meta) with torch outputs on the simulator's device; the
+same instance evaluates (``eval_episodes`` episodes in waves of ``envs``). The fork cannot seed envs one by one:
+each iteration's reset seeds torch's and numpy's global generators with ``env_seed(seed, iteration, 0, envs)``
+and restarts every env with the "open" gripper command, so on the CPU fake a resumed run ends with the
+uninterrupted run's weights (tested for dppo, residual_ppo and idql). On Isaac Gym the resumed run restores the
+same weights, optimizer, replay and RNG state and the same seeded reset draw, but PhysX on the GPU is not
+bit-reproducible, so its trajectories (and weights) drift from an uninterrupted run's.
 """
 from __future__ import annotations
 

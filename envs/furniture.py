@@ -9,6 +9,10 @@ the CLI does first thing) before ``import torch`` / ``import dpft`` / anything t
 (the fake env and the data converter need only torch); :func:`make_furniture_env` then raises a
 :class:`~dpft.errors.DpftError` with install instructions.
 
+**From a checkpoint's env_args** (``dpft finetune``, ``dpft rollout``): :func:`furniture_env_from_args` reads
+``env_args["env_kwargs"]`` (``furniture``, ``randomness``, ``max_episode_steps``, ``simulator``: ``"isaacgym"``
+by default, or ``"fake"`` for :class:`dpft.envs.furniture_fake.FakeFurnitureRLSimEnv` on the CPU).
+
 **Install** (not possible on Python > 3.8 or from PyPI): a Python 3.8 environment; Isaac Gym Preview 4,
 downloaded from NVIDIA (developer account) and installed with ``pip install -e isaacgym/python``; ankile's
 fork of furniture-bench (``git clone https://github.com/ankile/furniture-bench && pip install -e

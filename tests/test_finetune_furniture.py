@@ -184,9 +184,9 @@ def test_resume_on_the_fake_equals_an_uninterrupted_run(tmp_path, runs, agent):
     from dpft.agents.finetune import finetune
 
     ckpt = _ckpt_for(runs, agent)
-    finetune(compose("finetune", _args(tmp_path / "full", agent, ckpt, "iterations=3")))
+    finetune(compose("finetune", _args(tmp_path / "full", agent, ckpt)))  # 2 iterations
     finetune(compose("finetune", _args(tmp_path / "part", agent, ckpt, "iterations=1")))  # "killed" after it 1
-    finetune(compose("finetune", _args(tmp_path / "part", agent, ckpt, "iterations=3", "resume=true")))
+    finetune(compose("finetune", _args(tmp_path / "part", agent, ckpt, "resume=true")))
     a, b = _final_tensors(tmp_path / "full"), _final_tensors(tmp_path / "part")
     assert a.keys() == b.keys() and len(a) > 2
     for group in a:
