@@ -115,8 +115,12 @@ def _final_tensors(run):
     return out
 
 
+def _no_host_array(self, *args, **kwargs):
+    raise AssertionError("np.asarray of a torch tensor: a CUDA tensor from Isaac Gym would refuse it")
+
+
 @pytest.mark.parametrize("agent", ["dppo", "ppo", "residual_ppo", "idql"])
-def test_finetune_runs_on_the_fake_and_its_checkpoint_rolls_out(tmp_path, runs, agent):
+def test_finetune_runs_on_the_fake_and_its_checkpoint_rolls_out(tmp_path, runs, agent, monkeypatch):
     import dpft
     from dpft.agents.finetune import finetune
     from dpft.envs.rollout import rollout
@@ -125,7 +129,11 @@ def test_finetune_runs_on_the_fake_and_its_checkpoint_rolls_out(tmp_path, runs, 
     assert args[0] == "preset=%s_furniture" % agent  # ResiP / DPPO furniture defaults, overridden by TINY_FT
     cfg = compose("finetune", args)
     assert cfg.terminate_on_success is False  # furniture presets: episodes run to the time limit
+    # the run's env returns torch tensors (return_torch=True): the collector and the evaluation must copy them
+    # explicitly (.cpu()), never through numpy's __array__, which fails on the GPU tensors Isaac Gym gives
+    monkeypatch.setattr(torch.Tensor, "__array__", _no_host_array)
     final = finetune(cfg)
+    monkeypatch.undo()
     assert os.path.basename(final) == "step_00000002"
     recs = [json.loads(line) for line in open(tmp_path / "ft" / "metrics.jsonl")]
     meta = json.load(open(os.path.join(final, "meta.json")))
