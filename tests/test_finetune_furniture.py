@@ -129,6 +129,11 @@ def test_finetune_runs_on_the_fake_and_its_checkpoint_rolls_out(tmp_path, runs, 
     assert args[0] == "preset=%s_furniture" % agent  # ResiP / DPPO furniture defaults, overridden by TINY_FT
     cfg = compose("finetune", args)
     assert cfg.terminate_on_success is False  # furniture presets: episodes run to the time limit
+    from dpft.cli import _with_preset
+
+    full = compose("finetune", _with_preset(["checkpoint=%s" % _ckpt_for(runs, agent), "out=o"] + AGENT_ARGS[agent]))
+    assert (full.envs, full.eval_episodes) == ((1024, 1024) if agent == "residual_ppo" else (1000, 1000))
+    assert full.max_episode_steps is None  # the task's length (env_args), not one_leg's 700 for every task
     # the run's env returns torch tensors (return_torch=True): the collector and the evaluation must copy them
     # explicitly (.cpu()), never through numpy's __array__, which fails on the GPU tensors Isaac Gym gives
     monkeypatch.setattr(torch.Tensor, "__array__", _no_host_array)
@@ -227,6 +232,11 @@ def test_unknown_simulator_is_refused_naming_the_key(tmp_path, runs):
                                            "agent.ft_denoising_steps=2")))
     msg = str(e.value)
     assert "env_args['env_kwargs']['simulator']='bullet'" in msg and "'isaacgym', 'fake'" in msg
+    env = furniture_env_from_args(furniture_env_args("fake"), 1, 2, 1)  # the recorded (task default) length
+    assert (env.max_episode_steps, env.num_envs, env.act_steps, env.task) == (700, 1, 2, "one_leg")
+    lamp = {"type": "furniture", "env_kwargs": {"furniture": "lamp", "simulator": "fake"}}
+    assert furniture_env_from_args(lamp, 1, 1, 1).max_episode_steps == 1000  # TASKS default
+    assert furniture_env_from_args(lamp, 1, 1, 1, max_episode_steps=9).max_episode_steps == 9
     with pytest.raises(DpftError, match=r"\['action_type'\]='delta'.*action_type='pos' only"):
         args = furniture_env_args("fake")
         args["env_kwargs"]["action_type"] = "delta"
