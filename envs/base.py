@@ -100,6 +100,11 @@ class StepResult:
         info: extra per-batch information (e.g. ``"steps"``: (N,) env steps executed in this chunk,
             ``"nan_resets"``, ``"episode_return"``/``"episode_length"`` arrays for finished episodes,
             ``"failed"``: (N,) bool + ``"fail_reason"`` list when a worker died).
+
+    A batched env may return torch tensors instead of numpy arrays for ``obs``, ``reward``, ``terminated``,
+    ``truncated``, ``success`` and ``final_obs`` (:class:`dpft.envs.furniture.FurnitureEnv` with
+    ``return_torch=True``: on the simulator's GPU); ``info`` stays numpy / Python. Consumers (the RL collector,
+    :func:`dpft.envs.rollout.rollout`) copy flags and rewards with :func:`as_numpy` and pass observations on.
     """
 
     obs: ObsDict
