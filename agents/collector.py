@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 
+from dpft.envs.base import as_numpy
+
 
 @dataclass
 class Rollout:
@@ -69,7 +71,9 @@ def _stack(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
 
 
 def _rows(obs: Dict[str, Any], rows: np.ndarray) -> Dict[str, Any]:
-    return {k: v[rows] for k, v in obs.items()}
+    """Rows of numpy arrays or (device) torch tensors (FurnitureEnv ``return_torch=True``)."""
+    return {k: v[torch.as_tensor(rows, device=v.device)] if isinstance(v, torch.Tensor) else v[rows]
+            for k, v in obs.items()}
 
 
 class OnPolicyCollector:
@@ -120,7 +124,11 @@ class OnPolicyCollector:
             env_time += t2 - t1
             obs_list.append(model_obs)
             act_list.append({k: v for k, v in out.items()})
-            reward = np.asarray(res.reward, dtype=np.float64)
+            # (N,) flags and rewards on the host; observations stay where the env keeps them (torch on the GPU
+            # for FurnitureBench), the agent's obs_to_model moves them to the policy's device
+            reward = as_numpy(res.reward).astype(np.float64)
+            terminated, truncated = as_numpy(res.terminated).astype(bool), as_numpy(res.truncated).astype(bool)
+            success = as_numpy(res.success).astype(bool)
             failed = np.asarray(res.info.get("failed", np.zeros(n, dtype=bool)), dtype=bool)
             bad = ~np.isfinite(reward)
             # the env layer cuts an episode at a non-finite obs/reward (VectorEnv: info["nan_resets"])
@@ -131,10 +139,10 @@ class OnPolicyCollector:
             self._ep_return += reward
             self._ep_length += steps
             rewards[t] = reward
-            done = np.logical_or(res.terminated, res.truncated)
+            done = np.logical_or(terminated, truncated)
             # an episode cut by a fault (dead worker, NaN obs/reward) is not bootstrapped from
-            term[t] = np.logical_or(res.terminated, failed | bad)
-            trunc[t] = np.logical_and(res.truncated, ~term[t])
+            term[t] = np.logical_or(terminated, failed | bad)
+            trunc[t] = np.logical_and(truncated, ~term[t])
             rows = np.nonzero(done)[0]
             if len(rows):
                 final_rows.append((t, rows, agent.obs_to_model(_rows(res.final_obs, rows))))
@@ -142,7 +150,7 @@ class OnPolicyCollector:
                     cut = bool(failed[i] or bad[i])
                     nan_eps += int(bad[i] or nan_cut[i])
                     episodes.append({"return": float(self._ep_return[i]), "length": int(self._ep_length[i]),
-                                     "success": bool(res.success[i]) and not cut, "failed": cut})
+                                     "success": bool(success[i]) and not cut, "failed": cut})
                 self._ep_return[rows] = 0.0
                 self._ep_length[rows] = 0
                 agent.on_episode_start(rows)

@@ -32,7 +32,16 @@ Agents are registered in :data:`AGENTS` with the policy type their checkpoint mu
 
 What is exact on resume: on CPU, with ``reset_at_iteration=true``, a run killed at any point and resumed from
 its newest checkpoint ends with the same weights as an uninterrupted run for gym (in-process, seeded) and
-robosuite (worker processes, seeded resets) envs. FurnitureBench (Isaac Gym, GPU) is not bit-exact.
+robosuite (worker processes, seeded resets) envs. FurnitureBench (``env_args`` kind ``"furniture"``) runs ONE
+GPU-batched :class:`~dpft.envs.furniture.FurnitureEnv` holding all ``envs`` envs, built by
+:func:`~dpft.envs.furniture.furniture_env_from_args` (``env_kwargs.simulator``: ``isaacgym`` or the CPU ``fake``;
+``simulator=`` overrides it and is recorded in the run's meta) with torch outputs on the simulator's device; the
+same instance evaluates (``eval_episodes`` episodes in waves of ``envs``). The fork cannot seed envs one by one:
+each iteration's reset seeds torch's and numpy's global generators with ``env_seed(seed, iteration, 0, envs)``
+and restarts every env with the "open" gripper command, so on the CPU fake a resumed run ends with the
+uninterrupted run's weights (tested for dppo, residual_ppo and idql). On Isaac Gym the resumed run restores the
+same weights, optimizer, replay and RNG state and the same seeded reset draw, but PhysX on the GPU is not
+bit-reproducible, so its trajectories (and weights) drift from an uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -242,9 +251,20 @@ class Finetuner:
             raise DpftError("The checkpoint has no env_args in its meta.json (its dataset had no "
                             "data.attrs['env_args']), so the environment to fine-tune in cannot be rebuilt.")
         kind = env_kind(env_args)
-        if kind == "furniture":
-            raise DpftError("dpft finetune does not drive FurnitureBench yet (Isaac Gym); robosuite and gym envs are "
-                            "supported.")
+        if c.simulator is not None and kind != "furniture":
+            raise DpftError("simulator=%s applies to FurnitureBench checkpoints only; this one's env is %s."
+                            % (c.simulator, kind))
+        if kind == "furniture":  # one GPU-batched env holds all envs; its tensors stay on its device
+            from dpft.envs.furniture import furniture_env_from_args
+
+            if c.simulator is not None:  # recorded in the run's meta, so its checkpoints roll out the same way
+                env_args = dict(env_args, env_kwargs=dict(env_args.get("env_kwargs") or {}, simulator=c.simulator))
+                meta["env_args"] = env_args
+
+            return furniture_env_from_args(env_args, int(num_envs or c.envs), int(meta["act_steps"]),
+                                           int(meta["cond_steps"]), device=self.device,
+                                           max_episode_steps=c.max_episode_steps or None,
+                                           terminate_on_success=bool(c.terminate_on_success), return_torch=True)
         options = {"terminate_on_success": bool(c.terminate_on_success)}
         if c.max_episode_steps:
             options["max_episode_steps"] = int(c.max_episode_steps)

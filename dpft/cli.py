@@ -146,6 +146,12 @@ def cmd_pretrain(args: List[str]) -> int:
 
 
 def cmd_finetune(args: List[str]) -> int:
+    opts = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+    ckpt = opts.get("checkpoint")
+    if ckpt and os.path.exists(ckpt) and opts.get("simulator") != "fake":
+        from dpft.envs.registry import import_isaacgym_if_needed
+
+        import_isaacgym_if_needed(ckpt)  # FurnitureBench on Isaac Gym: before anything imports torch
     cfg = _compose_or_help("finetune", _with_preset(args))
     if cfg is None:
         return 0

@@ -100,6 +100,11 @@ class StepResult:
         info: extra per-batch information (e.g. ``"steps"``: (N,) env steps executed in this chunk,
             ``"nan_resets"``, ``"episode_return"``/``"episode_length"`` arrays for finished episodes,
             ``"failed"``: (N,) bool + ``"fail_reason"`` list when a worker died).
+
+    A batched env may return torch tensors instead of numpy arrays for ``obs``, ``reward``, ``terminated``,
+    ``truncated``, ``success`` and ``final_obs`` (:class:`dpft.envs.furniture.FurnitureEnv` with
+    ``return_torch=True``: on the simulator's GPU); ``info`` stays numpy / Python. Consumers (the RL collector,
+    :func:`dpft.envs.rollout.rollout`) copy flags and rewards with :func:`as_numpy` and pass observations on.
     """
 
     obs: ObsDict
@@ -141,6 +146,14 @@ class BatchedEnv:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def as_numpy(x: Any) -> Any:
+    """``x`` as a numpy array: torch tensors (FurnitureEnv with ``return_torch=True`` gives them on the GPU) are
+    copied to the host; numpy arrays and other array-likes pass through ``np.asarray``."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
 
 
 def resolve_task_name(task: str, tasks: Dict[str, str], kind: str) -> str:

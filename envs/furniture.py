@@ -9,6 +9,10 @@ the CLI does first thing) before ``import torch`` / ``import dpft`` / anything t
 (the fake env and the data converter need only torch); :func:`make_furniture_env` then raises a
 :class:`~dpft.errors.DpftError` with install instructions.
 
+**From a checkpoint's env_args** (``dpft finetune``, ``dpft rollout``): :func:`furniture_env_from_args` reads
+``env_args["env_kwargs"]`` (``furniture``, ``randomness``, ``max_episode_steps``, ``simulator``: ``"isaacgym"``
+by default, or ``"fake"`` for :class:`dpft.envs.furniture_fake.FakeFurnitureRLSimEnv` on the CPU).
+
 **Install** (not possible on Python > 3.8 or from PyPI): a Python 3.8 environment; Isaac Gym Preview 4,
 downloaded from NVIDIA (developer account) and installed with ``pip install -e isaacgym/python``; ankile's
 fork of furniture-bench (``git clone https://github.com/ankile/furniture-bench && pip install -e
@@ -43,6 +47,9 @@ furniture-bench``; clvrai's original lacks ``furniture_rl_sim_env``); ``numpy<1.
   ``info["failed"]`` mark it, as in :mod:`dpft.envs.vector`; :attr:`FurnitureEnv.nan_resets_total` counts
   them). A reset that still yields non-finite values is retried (``max_nan_reset_attempts``); after that
   the values are replaced by 0 (``info["nan_unrecovered"]``), so NaN never reaches the caller.
+
+* Gripper command on reset: every reset episode starts with the fork's initial "open" gripper command
+  (``last_grasp = -1``); the fork itself keeps the previous episode's command across resets.
 
 Randomness: FurnitureSim draws its reset randomization from torch's global generator for all envs at once,
 so per-env seeds cannot be honoured: ``reset(seeds)`` seeds torch and numpy globally with ``seeds[0]``.
@@ -79,6 +86,8 @@ __all__ = [
     "import_isaacgym_first",
     "isaacgym_install_message",
     "make_furniture_env",
+    "furniture_env_from_args",
+    "SIMULATORS",
     "FurnitureEnv",
     "robot_state_to_16d",
 ]
@@ -348,6 +357,66 @@ def make_furniture_env(
     )
 
 
+#: values of ``env_args["env_kwargs"]["simulator"]``: the real fork on Isaac Gym, or the CPU fake
+SIMULATORS: Tuple[str, ...] = ("isaacgym", "fake")
+# env_kwargs the converter records whose value this backend fixes (make_furniture_env builds exactly these)
+_FIXED_ENV_KWARGS = {"act_rot_repr": "rot_6d", "action_type": "pos", "ctrl_mode": "diffik"}
+
+
+def furniture_env_from_args(
+    env_args: Dict[str, Any],
+    num_envs: int,
+    act_steps: int,
+    cond_steps: int,
+    device: Any = "cuda",
+    max_episode_steps: Optional[int] = None,
+    terminate_on_success: bool = False,
+    return_torch: bool = False,
+) -> "FurnitureEnv":
+    """Build the FurnitureEnv a checkpoint's ``env_args`` (kind ``"furniture"``) describe.
+
+    ``env_args["env_kwargs"]`` gives ``furniture`` (task, default ``one_leg``), ``randomness`` (default ``low``),
+    ``max_episode_steps`` (the converter records the task default; ``max_episode_steps=`` here wins),
+    optionally ``sparse_reward`` and ``sample_perturbations``, and ``simulator``: ``"isaacgym"`` (the default:
+    ankile's ``FurnitureRLSimEnv`` on the GPU ``device``, ``"cuda"`` when ``device`` is not a CUDA device) or
+    ``"fake"`` (:class:`dpft.envs.furniture_fake.FakeFurnitureRLSimEnv` on the CPU, for dry runs and tests).
+    ``act_rot_repr`` / ``action_type`` / ``ctrl_mode``, when recorded, must be the values this backend uses.
+
+    Raises:
+        DpftError: an unknown simulator (naming the key and the allowed values), a recorded action format this
+            backend does not produce, or Isaac Gym / the fork missing (with install instructions).
+    """
+    kw = dict(env_args.get("env_kwargs") or {})
+    sim = kw.get("simulator", "isaacgym")
+    if sim is None:
+        sim = "isaacgym"
+    if not isinstance(sim, str) or sim.lower() not in SIMULATORS:
+        raise DpftError("env_args['env_kwargs']['simulator']=%r is not known; expected one of %s ('isaacgym' = "
+                        "ankile's FurnitureRLSimEnv on Isaac Gym, 'fake' = dpft.envs.furniture_fake on the CPU)."
+                        % (sim, ", ".join(repr(s) for s in SIMULATORS)))
+    for key, want in _FIXED_ENV_KWARGS.items():
+        if key in kw and kw[key] is not None and kw[key] != want:
+            raise DpftError("env_args['env_kwargs']['%s']=%r: the FurnitureBench backend drives FurnitureRLSimEnv "
+                            "with %s=%r only (absolute 10-D actions); the checkpoint was trained for another "
+                            "action format." % (key, kw[key], key, want))
+    if max_episode_steps is None and kw.get("max_episode_steps") is not None:
+        max_episode_steps = int(kw["max_episode_steps"])
+    options = dict(task=kw.get("furniture", "one_leg"), randomness=kw.get("randomness", "low"),
+                   num_envs=int(num_envs), act_steps=int(act_steps), cond_steps=int(cond_steps),
+                   max_episode_steps=max_episode_steps, terminate_on_success=bool(terminate_on_success),
+                   sparse_reward=bool(kw.get("sparse_reward", True)),
+                   sample_perturbations=bool(kw.get("sample_perturbations", False)), return_torch=bool(return_torch))
+    if sim.lower() == "fake":
+        from dpft.envs.furniture_fake import FakeFurnitureRLSimEnv
+
+        env = make_furniture_env(device="cpu", env_cls=FakeFurnitureRLSimEnv, **options)
+    else:
+        dev = torch.device(device) if device is not None else torch.device("cuda")
+        env = make_furniture_env(device=str(dev) if dev.type == "cuda" else "cuda", **options)
+    env.env_args["env_kwargs"]["simulator"] = sim.lower()
+    return env
+
+
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise DpftError("%s=%r: expected a positive integer." % (name, value))
@@ -459,6 +528,7 @@ class FurnitureEnv(BatchedEnv):
     def _reset_rows(self, idx: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], int, int]:
         """Reset envs ``idx`` (long, on device); retry NaN ones; return (obs of all envs, retries, unrecovered)."""
         raw = self.sim_env.reset(idx.to(torch.int32))
+        self._open_gripper_command(idx)
         obs = self._process(raw)
         retries = 0
         for _ in range(self.max_nan_reset_attempts):
@@ -479,6 +549,18 @@ class FurnitureEnv(BatchedEnv):
                 obs[key] = torch.where(bad[:, None], torch.nan_to_num(obs[key], nan=0.0, posinf=0.0, neginf=0.0),
                                        obs[key])
         return obs, retries, unrecovered
+
+    def _open_gripper_command(self, idx: Optional[torch.Tensor]) -> None:
+        """The fork's reset opens the gripper but keeps its remembered command ``last_grasp`` (set only in
+        ``__init__``), so the first step of a new episode with ``|grasp| <= grasp_margin`` would re-close it
+        as the previous episode left it. Every episode starts with the "open" command (-1, the fork's initial
+        value) instead: an episode's dynamics then depend only on its own reset and actions (exact resume)."""
+        last = getattr(self.sim_env, "last_grasp", None)
+        if isinstance(last, torch.Tensor):
+            if idx is None:
+                last.fill_(-1.0)
+            else:
+                last[idx.to(last.device).long()] = -1.0
 
     def _out(self, x: torch.Tensor) -> Any:
         return x if self.return_torch else x.detach().cpu().numpy()
@@ -503,6 +585,7 @@ class FurnitureEnv(BatchedEnv):
             torch.manual_seed(int(seeds[0]))
             np.random.seed(int(seeds[0]) % (2 ** 32))
         raw = self.sim_env.reset()
+        self._open_gripper_command(None)
         obs = self._process(raw)
         nan_rows = torch.nonzero(self._nonfinite(obs)).flatten()
         if nan_rows.numel():

@@ -31,7 +31,8 @@ What matches the fork (ankile/furniture-bench 52e7c68, ``furniture_bench/envs/fu
   ``gripper_width`` ``(N, 1)``; ``parts_poses`` ``(N, (num_parts + 1) * 7)``: every part's
   ``[pos 3, quat xyzw 4]`` then the front obstacle's. All float32 torch tensors.
 * the gripper command logic of ``simulate_step`` (L946-958): the sign of ``action[:, -1]`` toggles
-  open (< 0) / closed (> 0) only when it changed and ``|grasp| > grasp_margin = 0.019``.
+  open (< 0) / closed (> 0) only when it changed and ``|grasp| > grasp_margin = 0.019``; ``last_grasp`` is
+  stored on a toggle only (otherwise the previous command holds).
 
 What is fake (deliberately cheap and deterministic):
 
@@ -354,12 +355,9 @@ class FakeFurnitureRLSimEnv:
         grasp = action[:, -1]
         max_w = torch.full_like(grasp, self.max_gripper_width)
         zero = torch.zeros_like(grasp)
-        target = torch.where(
-            (torch.sign(grasp) != torch.sign(self.last_grasp)) & (torch.abs(grasp) > self.grasp_margin),
-            torch.where(grasp < 0, max_w, zero),
-            torch.where(self.last_grasp < 0, max_w, zero),
-        )
-        self.last_grasp = grasp
+        toggle = (torch.sign(grasp) != torch.sign(self.last_grasp)) & (torch.abs(grasp) > self.grasp_margin)
+        target = torch.where(toggle, torch.where(grasp < 0, max_w, zero), torch.where(self.last_grasp < 0, max_w, zero))
+        self.last_grasp = torch.where(toggle, grasp, self.last_grasp)  # the fork stores the command on a toggle only
         self.gripper = self.gripper + TRACKING_GAIN * (target[:, None] - self.gripper)
 
         self.total_steps += 1

@@ -58,7 +58,8 @@ def env_kind(env_args: Dict[str, Any]) -> str:
 
 def import_isaacgym_if_needed(checkpoint: str) -> None:
     """Isaac Gym must be imported before torch: if the checkpoint at ``checkpoint`` (RUN_DIR or a checkpoint
-    directory) was trained for FurnitureBench, import it now. Reads meta.json only (no torch import)."""
+    directory) was trained for FurnitureBench on Isaac Gym (``env_kwargs.simulator`` absent or ``"isaacgym"``;
+    not the ``"fake"``), import it now. Reads meta.json only (no torch import)."""
     import glob
     import json
     import os
@@ -74,7 +75,8 @@ def import_isaacgym_if_needed(checkpoint: str) -> None:
             try:
                 with open(path) as f:
                     env_args = json.load(f).get("env_args") or {}
-                furniture = env_kind(env_args) == "furniture"
+                sim = (env_args.get("env_kwargs") or {}).get("simulator") if isinstance(env_args, dict) else None
+                furniture = env_kind(env_args) == "furniture" and sim in (None, "isaacgym")  # not the CPU fake
             except (OSError, ValueError, DpftError):
                 return  # loading the checkpoint reports the problem properly
             if furniture:

@@ -34,7 +34,7 @@ import numpy as np
 
 from dpft.config import RolloutConfig
 from dpft.errors import DpftError
-from dpft.envs.base import BatchedEnv, Env, ObsDict
+from dpft.envs.base import BatchedEnv, Env, ObsDict, as_numpy
 from dpft.envs.vector import VectorEnv
 
 RESULT_NAME = "result.json"
@@ -321,6 +321,10 @@ def _run_waves(actor: _Actor, env: BatchedEnv, rec: _Recorder, timer: _Timer) ->
             t0 = time.perf_counter()
             res = env.step(chunk)
             timer.add("sim", t0)
+            # torch outputs (FurnitureEnv return_torch=True, e.g. dpft finetune's env) -> host arrays, once
+            reward, success = as_numpy(res.reward), as_numpy(res.success).astype(bool)
+            terminated, truncated = as_numpy(res.terminated).astype(bool), as_numpy(res.truncated).astype(bool)
+            done = terminated | truncated
             steps = np.asarray(res.info.get("steps", np.full(n, env.act_steps)))
             failed = np.asarray(res.info.get("failed", np.zeros(n, dtype=bool)))
             reasons = res.info.get("fail_reason", [None] * n)
@@ -328,21 +332,21 @@ def _run_waves(actor: _Actor, env: BatchedEnv, rec: _Recorder, timer: _Timer) ->
             ep_ret = np.asarray(res.info.get("episode_return", np.full(n, np.nan)), dtype=np.float64)
             chunks += 1
             for i in sorted(open_envs):
-                ret[i] += float(res.reward[i])
+                ret[i] += float(reward[i])
                 length[i] += int(steps[i])
                 rec.env_steps += int(steps[i])
-                if res.done[i]:
+                if done[i]:
                     open_envs.discard(i)
                     total = ep_ret[i] if np.isfinite(ep_ret[i]) else ret[i]
-                    rec.add(start + i, i, {"seed": seed + start + i, "success": bool(res.success[i]),
+                    rec.add(start + i, i, {"seed": seed + start + i, "success": bool(success[i]),
                                            "return": total, "length": int(length[i]),
-                                           "terminated": bool(res.terminated[i]), "truncated": bool(res.truncated[i]),
+                                           "terminated": bool(terminated[i]), "truncated": bool(truncated[i]),
                                            "failed": bool(failed[i]), "reason": reasons[i]})
             if open_envs and chunks > max_chunks:
                 raise DpftError("Env(s) %s ran %d chunks without ending their episode; the batched env must report "
                                 "truncated=True at its time limit." % (sorted(open_envs), chunks))
             obs = res.obs
-            ended = np.nonzero(np.asarray(res.done))[0]
+            ended = np.nonzero(done)[0]
             if open_envs and len(ended):  # (H-model) auto-reset envs started new episodes
                 actor.reset(ended)
         start += count
@@ -570,8 +574,10 @@ def rollout_checkpoint(
     ``dpft rollout``), ...). The defaults are those of ``dpft rollout`` (:class:`dpft.config.RolloutConfig`):
     ``episodes=10``, ``seed=100000`` (away from the demo seeds 0, 1, ...), episodes end on success.
     ``verify=False`` loads a checkpoint whose files fail their checksums (``--no-verify``). FurnitureBench
-    (``type`` ``"furniture"``) is built with :func:`dpft.envs.furniture.make_furniture_env` on the GPU (``device``
-    when it is a CUDA device, else ``"cuda"``) and run in waves; it cannot record videos.
+    (``type`` ``"furniture"``) is built by :func:`dpft.envs.furniture.furniture_env_from_args`: Isaac Gym on the GPU
+    (``device`` when it is a CUDA device, else ``"cuda"``), or the CPU fake when ``env_args["env_kwargs"]["simulator"]``
+    is ``"fake"`` (``env_overrides={"env_kwargs": {"simulator": "fake"}}`` dry-runs any furniture checkpoint); it
+    runs in waves and cannot record videos.
 
     Raises:
         DpftError: the checkpoint does not exist, has no env_args, or its obs keys are not produced by the env.
@@ -584,7 +590,8 @@ def rollout_checkpoint(
         raise DpftError("rollout_checkpoint: num_envs must be >= 1, got %r." % (num_envs,))
     from dpft.envs.registry import import_isaacgym_if_needed
 
-    import_isaacgym_if_needed(path)  # Isaac Gym refuses to load after torch
+    if ((env_overrides or {}).get("env_kwargs") or {}).get("simulator") != "fake":
+        import_isaacgym_if_needed(path)  # Isaac Gym refuses to load after torch
     import dpft
 
     if out_dir is not None:  # writable (videos/ too) before the policy is loaded and any episode runs
@@ -626,14 +633,12 @@ def rollout_checkpoint(
 
     kind = env_kind(env_args)
     if kind == "furniture":
-        from dpft.envs.furniture import make_furniture_env
+        from dpft.envs.furniture import furniture_env_from_args
 
-        fkw = dict(env_args.get("env_kwargs") or {})
         options = _env_options(env_options)
-        env = make_furniture_env(
-            task=fkw.get("furniture", "one_leg"), randomness=fkw.get("randomness", "low"), num_envs=num_envs,
-            act_steps=int(_meta_get(meta, "act_steps", 1)), cond_steps=int(_meta_get(meta, "cond_steps", 1)),
-            device=device if str(device).startswith("cuda") else "cuda", **options)
+        env = furniture_env_from_args(
+            env_args, num_envs=num_envs, act_steps=int(_meta_get(meta, "act_steps", 1)),
+            cond_steps=int(_meta_get(meta, "cond_steps", 1)), device=device, **options)
         try:
             result = rollout(policy, env, **kw)
         finally:

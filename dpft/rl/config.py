@@ -145,6 +145,8 @@ class FinetuneConfig:
     n_steps: int = _f(75, "action chunks per env per iteration (DPPO's n_steps)")
     max_episode_steps: Optional[int] = _f(None, "episode length limit in env steps (None = the task's)")
     terminate_on_success: bool = _f(True, "robosuite: end an episode when the task succeeds (reward 1 at that step)")
+    simulator: Optional[str] = _f(None, "FurnitureBench: isaacgym | fake (the CPU fake) instead of the checkpoint's "
+                                  "env_args.env_kwargs.simulator (None = as recorded; the run records its choice)")
     reset_at_iteration: bool = _f(True, "reset every env at the start of each iteration (exact resume; the cut is bootstrapped)")
     seed: int = _f(0, "random seed (initialization, sampling, env seeds)")
     device: str = _f("cpu", "cpu | cuda | auto")
@@ -240,6 +242,9 @@ class FinetuneConfig:
             raise DpftError("agent.lr_schedule=%r must be constant or linear." % (a.lr_schedule,))
         if self.logger not in LOGGERS:
             raise DpftError("logger=%r is not known; expected none or wandb." % (self.logger,))
+        if self.simulator is not None and self.simulator not in ("isaacgym", "fake"):
+            raise DpftError("simulator=%r is not known; expected isaacgym or fake (FurnitureBench only)."
+                            % (self.simulator,))
         if self.weights not in ("ema", "model"):
             raise DpftError("weights=%r is not known; expected ema or model." % (self.weights,))
         from dpft.agents.inril import validate_inril_config
