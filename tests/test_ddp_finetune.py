@@ -1,0 +1,297 @@
+"""``dpft finetune`` data-parallel on CPU: two gloo processes launched the way torchrun launches them (env RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+
+* the update: two ranks, each holding half of the envs' columns of one rollout, end with the weights, losses,
+  KL and step count of a single process updating on the whole rollout (global minibatches, summed gradients,
+  global advantage normalization, reward-scaler moments and KL stop), including minibatches a rank has no
+  sample of (batch_size=1) and a target-KL stop;
+* the loop (``agent=ppo env=hopper`` from scratch): the replicas are bit-identical after every iteration, rank
+  0 alone writes metrics.jsonl / checkpoints, the env-step count is the global one, and a resumed DDP run ends
+  bit-identical to an uninterrupted one; DPPO runs one iteration;
+* the refusals: ``envs`` not divisible by WORLD_SIZE, IDQL and IN-RIL under DDP.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("gymnasium")
+pytest.importorskip("mujoco")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from dpft.config import compose  # noqa: E402
+from dpft.errors import DpftError  # noqa: E402
+from dpft.metrics import read_metrics  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: from-scratch Gaussian PPO on Hopper, tiny (global settings: 4 envs, minibatches of 16 env steps)
+SCRATCH = ["agent=ppo", "env=hopper", "envs=4", "n_steps=16", "iterations=2", "eval_every=0", "eval_episodes=1",
+           "max_episode_steps=30", "progress=false", "num_threads=1", "agent.batch_size=16", "agent.update_epochs=2",
+           "save_every=1", "keep_checkpoints=0",
+           # constant learning rates: the split run below changes iterations= on resume, and a resumed linear
+           # schedule restarts from the optimizer's saved lr (see the report on the linear schedule)
+           "agent.lr_schedule=constant"]
+
+_COMMON = (
+    "import hashlib, json, os, sys\n"
+    "import torch\n"
+    "from dpft.cli import _with_preset\n"
+    "from dpft.config import compose\n"
+    "from dpft.agents.finetune import Finetuner\n"
+    "spec = json.loads(sys.argv[1])\n"
+    "t = Finetuner(compose('finetune', _with_preset(spec['overrides'])))\n"
+    "r = t.dist.rank\n"
+    "def weights():\n"
+    "    out = {'model.' + k: v.detach().clone() for k, v in t.model.state_dict().items()}\n"
+    "    out.update({'critic.' + k: v.detach().clone() for k, v in t.agent.critic.state_dict().items()})\n"
+    "    return out\n"
+    "def digest():\n"
+    "    h = hashlib.sha256()\n"
+    "    for k, v in sorted(weights().items()):\n"
+    "        h.update(v.numpy().tobytes())\n"
+    "    return h.hexdigest()\n"
+)
+
+#: the whole loop: per-iteration weight digests, final weights and the global obs statistics per rank
+LOOP_DRIVER = _COMMON + (
+    "digests = []\n"
+    "update = t.agent.update\n"
+    "def recorded(ro):\n"
+    "    info = update(ro)\n"
+    "    digests.append(digest())\n"
+    "    return info\n"
+    "t.agent.update = recorded\n"
+    "try:\n"
+    "    final = t.run()\n"
+    "    torch.save(weights(), os.path.join(spec['dump'], 'rank%d.pt' % r))\n"
+    "    rms = getattr(t.agent, 'obs_rms', None)\n"
+    "    extra = {'obs_mean': rms.mean.tolist() if rms is not None else None,\n"
+    "             'reward_var': float(t.agent.reward_scaler.stats.var)}\n"
+    "    json.dump({'digests': digests, 'final': final, 'local_envs': t.local_envs, 'extra': extra},\n"
+    "              open(os.path.join(spec['dump'], 'rank%d.json' % r), 'w'))\n"
+    "finally:\n"
+    "    t.close()\n"
+)
+
+#: the update alone on this rank's columns of a saved rollout, for each scenario (agent settings)
+UPDATE_DRIVER = _COMMON + (
+    "from tests.test_ddp_finetune import run_scenarios, slice_rollout\n"
+    "try:\n"
+    "    ro = slice_rollout(torch.load(spec['rollout']), r * t.local_envs, (r + 1) * t.local_envs)\n"
+    "    res = run_scenarios(t, ro, spec['scenarios'])\n"
+    "    torch.save(res, os.path.join(spec['dump'], 'rank%d.pt' % r))\n"
+    "finally:\n"
+    "    t.close()\n"
+)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_pair(driver, spec, timeout=150):
+    """Run ``driver`` as ranks 0 and 1 of a gloo group; ``[(returncode, stdout, stderr)]`` per rank."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+        procs.append(subprocess.Popen([sys.executable, "-c", driver, json.dumps(spec)], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        results.append((p.returncode, out, err))
+    for rc, out, err in results:
+        assert rc == 0, err[-4000:]
+    return results
+
+
+def _ft(out, *args):
+    from dpft.cli import _with_preset
+
+    return compose("finetune", _with_preset(["out=%s" % out] + list(args)))
+
+
+def rollout_tensors(ro):
+    """The tensors of a :class:`dpft.agents.collector.Rollout` the update reads (time-major, env columns)."""
+    return {"obs": dict(ro.obs), "act": dict(ro.act), "reward": ro.reward, "terminated": ro.terminated,
+            "truncated": ro.truncated, "values": ro.values, "next_values": ro.next_values}
+
+
+def slice_rollout(d, lo, hi):
+    """The rollout of env columns ``lo:hi`` (what the rank holding those envs collects)."""
+    from dpft.agents.collector import Rollout
+
+    cols = lambda x: x[:, lo:hi].clone()  # noqa: E731
+    return Rollout(obs={k: cols(v) for k, v in d["obs"].items()}, act={k: cols(v) for k, v in d["act"].items()},
+                   reward=cols(d["reward"]), terminated=cols(d["terminated"]), truncated=cols(d["truncated"]),
+                   values=cols(d["values"]), next_values=cols(d["next_values"]))
+
+
+def run_scenarios(t, ro, scenarios):
+    """For each scenario (``agent.<key>: value``): restore the initial weights, optimizers and reward scaler,
+    seed the sampler generator 123 (rank 0's draws the minibatch permutation), run two updates on ``ro``;
+    returns ``[{"weights": ..., "infos": [info, info]}]``."""
+    import copy
+
+    a = t.agent
+    start = {"model": copy.deepcopy(t.model.state_dict()), "critic": copy.deepcopy(a.critic.state_dict()),
+             "opt": {k: copy.deepcopy(o.state_dict()) for k, o in a.optimizers().items()},
+             "sched": {k: copy.deepcopy(s.state_dict()) for k, s in a.schedulers().items()},
+             "scaler": a.reward_scaler.state_dict(), "cfg": copy.deepcopy(a.cfg), "iters": a.train_iterations}
+    out = []
+    for sc in scenarios:
+        t.model.load_state_dict(start["model"])
+        a.critic.load_state_dict(start["critic"])
+        for k, o in a.optimizers().items():
+            o.load_state_dict(start["opt"][k])
+        for k, s in a.schedulers().items():
+            s.load_state_dict(start["sched"][k])
+        a.reward_scaler.load_state_dict(start["scaler"])
+        a.train_iterations = start["iters"]
+        a.cfg = copy.deepcopy(start["cfg"])
+        for k, v in sc.items():
+            setattr(a.cfg, k, v)
+        a.gen.manual_seed(123)
+        infos = [a.update(ro), a.update(ro)]
+        w = {"model." + k: v.detach().clone() for k, v in t.model.state_dict().items()}
+        w.update({"critic." + k: v.detach().clone() for k, v in a.critic.state_dict().items()})
+        out.append({"weights": w, "infos": infos})
+    return out
+
+
+def _digest_equal(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------- the update
+@pytest.mark.slow  # two processes (~15 s on an idle 2-core machine, mostly imports)
+def test_two_rank_update_equals_single_process_update(tmp_path):
+    scenarios = [
+        {},  # ppo_scratch: 4 minibatches of 16, 2 epochs, grad clip 0.5, value clip, running reward scaling
+        {"target_kl": 1e-7},  # the KL stop fires after the first minibatch step (ratio 1 there: KL 0)
+        {"batch_size": 1, "update_epochs": 1},  # 64 one-sample minibatches: one rank has none in each
+    ]
+    from dpft.agents.finetune import Finetuner
+
+    ref = Finetuner(_ft(tmp_path / "single", *SCRATCH))
+    try:
+        ref.collector.reset([1000 + i for i in range(4)])
+        ro = ref.collector.collect(16)
+        assert ro.shape == (16, 4)
+        torch.save(rollout_tensors(ro), str(tmp_path / "rollout.pt"))
+        want = run_scenarios(ref, ro, scenarios)
+    finally:
+        ref.close()
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    spec = {"overrides": ["out=%s" % (tmp_path / "ddp")] + SCRATCH, "rollout": str(tmp_path / "rollout.pt"),
+            "scenarios": scenarios, "dump": str(dump)}
+    launch_pair(UPDATE_DRIVER, spec)
+    got = [torch.load(str(dump / ("rank%d.pt" % r))) for r in range(2)]
+    for i, sc in enumerate(scenarios):
+        w0, w1, ws = got[0][i]["weights"], got[1][i]["weights"], want[i]["weights"]
+        assert _digest_equal(w0, w1), sc  # every rank applied the same summed gradients
+        for k in ws:
+            torch.testing.assert_close(w0[k], ws[k], rtol=1e-4, atol=2e-5, msg=lambda m: "%s %s: %s" % (sc, k, m))
+        for info0, info1, info_s in zip(got[0][i]["infos"], got[1][i]["infos"], want[i]["infos"]):
+            assert info0 == info1
+            assert info0["grad_steps"] == info_s["grad_steps"] and info0["kl_stop"] == info_s["kl_stop"], sc
+            assert set(info0) == set(info_s), sc
+            for key in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio", "entropy", "explained_variance"):
+                if key in info_s:  # (no step taken: no losses)
+                    assert info0[key] == pytest.approx(info_s[key], rel=1e-4, abs=1e-6), (sc, key)
+    steps = [[info["grad_steps"] for info in want[i]["infos"]] for i in range(3)]
+    assert steps[0] == [8, 8] and steps[2] == [64, 64]
+    assert steps[1][0] == 1 and want[1]["infos"][0]["kl_stop"]  # the stop fired before the second step
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+@pytest.mark.slow  # three launches of two processes (~45 s on an idle 2-core machine)
+def test_two_rank_finetune_ppo_hopper_and_exact_resume(tmp_path):
+    run, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    res = launch_pair(LOOP_DRIVER, {"overrides": ["out=%s" % run] + SCRATCH, "dump": str(dump)})
+    ranks = [json.loads((dump / ("rank%d.json" % r)).read_text()) for r in range(2)]
+    assert [x["local_envs"] for x in ranks] == [2, 2]
+    assert len(ranks[0]["digests"]) == 2 and ranks[0]["digests"] == ranks[1]["digests"]  # after every iteration
+    assert ranks[0]["extra"] == ranks[1]["extra"]  # global observation and return statistics on both ranks
+    w0, w1 = torch.load(str(dump / "rank0.pt")), torch.load(str(dump / "rank1.pt"))
+    assert _digest_equal(w0, w1)
+    # rank 0 alone wrote: one checkpoint per iteration, metrics once per iteration (plus the start's evaluation)
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_00000001", "step_00000002"]
+    recs = read_metrics(str(run))
+    assert [r["iteration"] for r in recs] == [0, 1, 2]
+    assert [r["env_steps"] for r in recs] == [0, 64, 128]  # 16 chunks x 4 envs (both ranks) per iteration
+    assert "eval/return" in recs[0] and "eval/return" in recs[2]
+    assert "done at iteration 2" in res[0][1] and "done at" not in res[1][1]
+    final = run / "checkpoints" / "step_00000002"
+    saved = load_file(str(final / "model.safetensors"))
+    for k, v in saved.items():
+        assert torch.equal(v, w0["model." + k]), k
+    assert json.loads((final / "training_state" / "step.json").read_text())["world_size"] == 2
+    assert (run / "finetune_curves.png").is_file()
+
+    # the same run in two sessions (1 iteration, then resume=true to 2): bit-identical to the one above
+    split, dump2 = tmp_path / "split", tmp_path / "dump2"
+    dump2.mkdir()
+    first = [o for o in SCRATCH if not o.startswith("iterations=")] + ["iterations=1"]
+    launch_pair(LOOP_DRIVER, {"overrides": ["out=%s" % split] + first, "dump": str(dump2)})
+    res = launch_pair(LOOP_DRIVER, {"overrides": ["out=%s" % split, "resume=true"] + SCRATCH, "dump": str(dump2)})
+    assert "resumed from" in res[0][1]
+    resumed = torch.load(str(dump2 / "rank0.pt"))
+    assert _digest_equal(resumed, w0)
+    assert [r["env_steps"] for r in read_metrics(str(split))] == [0, 64, 128]
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+def _as_rank(monkeypatch, rank=0, world=2):
+    for k, v in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", rank)):
+        monkeypatch.setenv(k, str(v))
+
+
+def test_envs_not_divisible_by_world_size_names_both(tmp_path, monkeypatch):
+    from dpft.agents.finetune import Finetuner
+
+    _as_rank(monkeypatch, world=2)
+    args = [o for o in SCRATCH if not o.startswith("envs=")] + ["envs=3"]
+    with pytest.raises(DpftError) as e:
+        Finetuner(_ft(tmp_path / "o", *args))
+    msg = str(e.value)
+    assert "envs=3" in msg and "number of DDP processes (2)" in msg and "envs=2" in msg
+    assert not (tmp_path / "o").exists()  # refused before out= was touched
+
+
+def test_idql_and_inril_refused_under_ddp(tmp_path, monkeypatch):
+    from dpft.agents.finetune import _check_data_parallel
+
+    _as_rank(monkeypatch, world=2)
+    c = _ft(tmp_path / "o", *SCRATCH)
+    from dpft.config import to_object
+
+    obj = to_object(c)
+    obj.agent.name = "idql"
+    with pytest.raises(DpftError, match="agent=idql does not run data-parallel"):
+        _check_data_parallel(obj, 2)
+    obj = to_object(c)
+    obj.inril.m = "10"
+    with pytest.raises(DpftError, match=r"IN-RIL / CAIR \(inril.m=10"):
+        _check_data_parallel(obj, 2)
+    assert _check_data_parallel(to_object(c), 2) == 2 and _check_data_parallel(to_object(c), 1) == 4
