@@ -29,6 +29,7 @@ from safetensors.torch import load_file  # noqa: E402
 from dpft.config import compose  # noqa: E402
 from dpft.errors import DpftError  # noqa: E402
 from dpft.metrics import read_metrics  # noqa: E402
+from tests.test_finetune import diffusion_run, hopper_data  # noqa: E402,F401  (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,50 +41,59 @@ SCRATCH = ["agent=ppo", "env=hopper", "envs=4", "n_steps=16", "iterations=2", "e
            # schedule restarts from the optimizer's saved lr (see the report on the linear schedule)
            "agent.lr_schedule=constant"]
 
-_COMMON = (
+#: runs ``spec["runs"]`` (each ``{"name", "overrides"}``) one after the other in one process group (the driver owns
+#: it, as torchrun's caller would): per-iteration weight digests, final weights and global statistics per rank
+LOOP_DRIVER = (
     "import hashlib, json, os, sys\n"
     "import torch\n"
     "from dpft.cli import _with_preset\n"
     "from dpft.config import compose\n"
     "from dpft.agents.finetune import Finetuner\n"
+    "from dpft.train_utils import destroy_process_group, dist_info_from_env, init_process_group\n"
     "spec = json.loads(sys.argv[1])\n"
-    "t = Finetuner(compose('finetune', _with_preset(spec['overrides'])))\n"
-    "r = t.dist.rank\n"
-    "def weights():\n"
-    "    out = {'model.' + k: v.detach().clone() for k, v in t.model.state_dict().items()}\n"
-    "    out.update({'critic.' + k: v.detach().clone() for k, v in t.agent.critic.state_dict().items()})\n"
-    "    return out\n"
-    "def digest():\n"
-    "    h = hashlib.sha256()\n"
-    "    for k, v in sorted(weights().items()):\n"
-    "        h.update(v.numpy().tobytes())\n"
-    "    return h.hexdigest()\n"
-)
-
-#: the whole loop: per-iteration weight digests, final weights and the global obs statistics per rank
-LOOP_DRIVER = _COMMON + (
-    "digests = []\n"
-    "update = t.agent.update\n"
-    "def recorded(ro):\n"
-    "    info = update(ro)\n"
-    "    digests.append(digest())\n"
-    "    return info\n"
-    "t.agent.update = recorded\n"
-    "try:\n"
-    "    final = t.run()\n"
-    "    torch.save(weights(), os.path.join(spec['dump'], 'rank%d.pt' % r))\n"
-    "    rms = getattr(t.agent, 'obs_rms', None)\n"
-    "    extra = {'obs_mean': rms.mean.tolist() if rms is not None else None,\n"
-    "             'reward_var': float(t.agent.reward_scaler.stats.var)}\n"
-    "    json.dump({'digests': digests, 'final': final, 'local_envs': t.local_envs, 'extra': extra},\n"
-    "              open(os.path.join(spec['dump'], 'rank%d.json' % r), 'w'))\n"
-    "finally:\n"
-    "    t.close()\n"
+    "owned = init_process_group(dist_info_from_env(), torch.device('cpu'))\n"
+    "for job in spec['runs']:\n"
+    "    t = Finetuner(compose('finetune', _with_preset(job['overrides'])))\n"
+    "    r = t.dist.rank\n"
+    "    def weights():\n"
+    "        out = {'model.' + k: v.detach().clone() for k, v in t.model.state_dict().items()}\n"
+    "        out.update({'critic.' + k: v.detach().clone() for k, v in t.agent.critic.state_dict().items()})\n"
+    "        return out\n"
+    "    digests = []\n"
+    "    update = t.agent.update\n"
+    "    def recorded(ro, update=update):\n"
+    "        info = update(ro)\n"
+    "        h = hashlib.sha256()\n"
+    "        for k, v in sorted(weights().items()):\n"
+    "            h.update(v.numpy().tobytes())\n"
+    "        digests.append(h.hexdigest())\n"
+    "        return info\n"
+    "    t.agent.update = recorded\n"
+    "    try:\n"
+    "        final = t.run()\n"
+    "        torch.save(weights(), os.path.join(spec['dump'], '%s_rank%d.pt' % (job['name'], r)))\n"
+    "        rms = getattr(t.agent, 'obs_rms', None)\n"
+    "        extra = {'obs_mean': rms.mean.tolist() if rms is not None else None,\n"
+    "                 'reward_var': float(t.agent.reward_scaler.stats.var)}\n"
+    "        json.dump({'digests': digests, 'final': final, 'local_envs': t.local_envs, 'extra': extra},\n"
+    "                  open(os.path.join(spec['dump'], '%s_rank%d.json' % (job['name'], r)), 'w'))\n"
+    "    finally:\n"
+    "        t.close()\n"
+    "    print('RUN %s DONE' % job['name'], flush=True)\n"
+    "destroy_process_group(owned)\n"
 )
 
 #: the update alone on this rank's columns of a saved rollout, for each scenario (agent settings)
-UPDATE_DRIVER = _COMMON + (
+UPDATE_DRIVER = (
+    "import json, os, sys\n"
+    "import torch\n"
+    "from dpft.cli import _with_preset\n"
+    "from dpft.config import compose\n"
+    "from dpft.agents.finetune import Finetuner\n"
     "from tests.test_ddp_finetune import run_scenarios, slice_rollout\n"
+    "spec = json.loads(sys.argv[1])\n"
+    "t = Finetuner(compose('finetune', _with_preset(spec['overrides'])))\n"
+    "r = t.dist.rank\n"
     "try:\n"
     "    ro = slice_rollout(torch.load(spec['rollout']), r * t.local_envs, (r + 1) * t.local_envs)\n"
     "    res = run_scenarios(t, ro, spec['scenarios'])\n"
@@ -224,41 +234,66 @@ def test_two_rank_update_equals_single_process_update(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-@pytest.mark.slow  # three launches of two processes (~45 s on an idle 2-core machine)
+def _rank_results(dump, name):
+    ranks = [json.loads((dump / ("%s_rank%d.json" % (name, r))).read_text()) for r in range(2)]
+    weights = [torch.load(str(dump / ("%s_rank%d.pt" % (name, r)))) for r in range(2)]
+    assert ranks[0]["digests"] == ranks[1]["digests"], name  # identical replicas after every iteration
+    assert _digest_equal(weights[0], weights[1]), name
+    return ranks, weights[0]
+
+
+@pytest.mark.slow  # two processes running three short fine-tuning runs (~30 s on an idle 2-core machine)
 def test_two_rank_finetune_ppo_hopper_and_exact_resume(tmp_path):
-    run, dump = tmp_path / "run", tmp_path / "dump"
+    run, split, dump = tmp_path / "run", tmp_path / "split", tmp_path / "dump"
     dump.mkdir()
-    res = launch_pair(LOOP_DRIVER, {"overrides": ["out=%s" % run] + SCRATCH, "dump": str(dump)})
-    ranks = [json.loads((dump / ("rank%d.json" % r)).read_text()) for r in range(2)]
-    assert [x["local_envs"] for x in ranks] == [2, 2]
-    assert len(ranks[0]["digests"]) == 2 and ranks[0]["digests"] == ranks[1]["digests"]  # after every iteration
+    first = [o for o in SCRATCH if not o.startswith("iterations=")] + ["iterations=1"]
+    res = launch_pair(LOOP_DRIVER, {"dump": str(dump), "runs": [
+        {"name": "full", "overrides": ["out=%s" % run] + SCRATCH},
+        # the same run in two sessions (1 iteration, then resume=true to 2)
+        {"name": "part", "overrides": ["out=%s" % split] + first},
+        {"name": "resumed", "overrides": ["out=%s" % split, "resume=true"] + SCRATCH}]})
+    ranks, w = _rank_results(dump, "full")
+    assert [x["local_envs"] for x in ranks] == [2, 2] and len(ranks[0]["digests"]) == 2
     assert ranks[0]["extra"] == ranks[1]["extra"]  # global observation and return statistics on both ranks
-    w0, w1 = torch.load(str(dump / "rank0.pt")), torch.load(str(dump / "rank1.pt"))
-    assert _digest_equal(w0, w1)
     # rank 0 alone wrote: one checkpoint per iteration, metrics once per iteration (plus the start's evaluation)
     assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_00000001", "step_00000002"]
     recs = read_metrics(str(run))
     assert [r["iteration"] for r in recs] == [0, 1, 2]
     assert [r["env_steps"] for r in recs] == [0, 64, 128]  # 16 chunks x 4 envs (both ranks) per iteration
     assert "eval/return" in recs[0] and "eval/return" in recs[2]
-    assert "done at iteration 2" in res[0][1] and "done at" not in res[1][1]
+    assert res[0][1].count("done at iteration 2") == 2 and "done at" not in res[1][1]
     final = run / "checkpoints" / "step_00000002"
     saved = load_file(str(final / "model.safetensors"))
     for k, v in saved.items():
-        assert torch.equal(v, w0["model." + k]), k
+        assert torch.equal(v, w["model." + k]), k
     assert json.loads((final / "training_state" / "step.json").read_text())["world_size"] == 2
     assert (run / "finetune_curves.png").is_file()
-
-    # the same run in two sessions (1 iteration, then resume=true to 2): bit-identical to the one above
-    split, dump2 = tmp_path / "split", tmp_path / "dump2"
-    dump2.mkdir()
-    first = [o for o in SCRATCH if not o.startswith("iterations=")] + ["iterations=1"]
-    launch_pair(LOOP_DRIVER, {"overrides": ["out=%s" % split] + first, "dump": str(dump2)})
-    res = launch_pair(LOOP_DRIVER, {"overrides": ["out=%s" % split, "resume=true"] + SCRATCH, "dump": str(dump2)})
-    assert "resumed from" in res[0][1]
-    resumed = torch.load(str(dump2 / "rank0.pt"))
-    assert _digest_equal(resumed, w0)
+    # resumed under DDP: bit-identical to the uninterrupted run
+    assert "resumed from" in res[0][1] and "resumed from" not in res[1][1]
+    _, resumed = _rank_results(dump, "resumed")
+    assert _digest_equal(resumed, w)
     assert [r["env_steps"] for r in read_metrics(str(split))] == [0, 64, 128]
+
+
+@pytest.mark.slow  # two processes, one DPPO and one residual PPO iteration (~25 s on an idle 2-core machine)
+def test_two_rank_dppo_and_residual_ppo_iteration(tmp_path, diffusion_run):
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    common = ["checkpoint=%s" % diffusion_run, "envs=2", "n_steps=4", "iterations=1", "eval_episodes=1",
+              "max_episode_steps=20", "progress=false", "num_threads=1", "agent.batch_size=8", "agent.update_epochs=1",
+              "agent.critic_dims=[16,16,16]", "agent.n_critic_warmup_itr=0"]
+    launch_pair(LOOP_DRIVER, {"dump": str(dump), "runs": [
+        {"name": "dppo", "overrides": ["out=%s" % (tmp_path / "dppo"), "agent=dppo", "agent.ft_denoising_steps=3"]
+         + common},
+        {"name": "residual", "overrides": ["out=%s" % (tmp_path / "res"), "agent=residual_ppo", "agent.mlp_dims=[16]"]
+         + common}]})
+    for name, out in (("dppo", "dppo"), ("residual", "res")):
+        ranks, w = _rank_results(dump, name)
+        assert len(ranks[0]["digests"]) == 1
+        recs = read_metrics(str(tmp_path / out))
+        assert [r["iteration"] for r in recs] == [0, 1] and recs[1]["grad_steps"] >= 1, name
+        saved = load_file(str(tmp_path / out / "checkpoints" / "step_00000001" / "model.safetensors"))
+        assert all(torch.equal(v, w["model." + k]) for k, v in saved.items()), name
 
 
 # ---------------------------------------------------------------------------------------------- refusals
