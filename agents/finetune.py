@@ -33,6 +33,17 @@ Agents are registered in :data:`AGENTS` with the policy type their checkpoint mu
 What is exact on resume: on CPU, with ``reset_at_iteration=true``, a run killed at any point and resumed from
 its newest checkpoint ends with the same weights as an uninterrupted run for gym (in-process, seeded) and
 robosuite (worker processes, seeded resets) envs. FurnitureBench (Isaac Gym, GPU) is not bit-exact.
+
+Data parallel (``torchrun --standalone --nproc_per_node W -m dpft.cli finetune ...``; env ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``; gloo on CPU, NCCL with ``device=cuda`` on ``cuda:LOCAL_RANK``; docs/design.md): ``envs`` is the
+GLOBAL env count (divisible by W, refused otherwise) and ``agent.batch_size`` the GLOBAL minibatch. Rank r steps
+the envs ``r * envs / W ...`` seeded as a single process would seed them, sampling from its own stream reseeded
+every iteration from (seed, rank, iteration); the update is the single-process update over all ranks' samples
+(global minibatches from rank 0's permutation, each rank's mean losses weighted by its share and the gradients
+summed, global advantage normalization, reward-scaler and observation statistics, KL stop;
+:mod:`dpft.rl.data_parallel`), so the replicas stay bit-identical. Rank 0 evaluates, logs (episodes and env
+steps gathered from every rank), writes checkpoints and the PNG; the others wait at barriers; every rank resumes
+from the same checkpoint (exact with the same W). ``agent=idql`` and IN-RIL/CAIR are refused under DDP.
 """
 from __future__ import annotations
 
@@ -151,7 +162,7 @@ class Finetuner:
 
         if self.dp is not None and int(c.inril.monitor_every):  # (H-ddp) IN-RIL/CAIR were refused above
             c.inril.monitor_every = 0
-            if self.rank0:
+            if self.rank0 and c.checkpoint:
                 print("dpft finetune: the gradient-alignment monitor (inril.monitor_every) is off under torchrun.")
         self.inril = build_inril(c, self.agent, self.meta, self.policy.normalizer, self.device)
         self.iteration = 0
