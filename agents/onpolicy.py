@@ -15,6 +15,11 @@ Per iteration (:meth:`OnPolicyAgent.update`):
    checkpoint stays), clipped to ``max_grad_norm`` and applied by the two AdamW optimizers (actor and critic).
    During the first ``n_critic_warmup_itr`` training iterations only the critic steps.
 
+Data parallel (H-ddp, ``agent.dp`` set by the trainer under torchrun): the same loop over GLOBAL minibatches (rank 0's
+permutation of all ranks' samples); each rank computes its members (:meth:`OnPolicyAgent._dp_minibatch`), the
+gradients are summed over ranks before the NaN check and clipping, and advantage normalization, the reward scaler,
+the KL stop and the logged statistics are global (:mod:`dpft.rl.data_parallel`). Single-process runs never enter it.
+
 Subclass API: ``obs_to_model(raw)``, ``act(model_obs, deterministic) -> {"action": (N, Ta, Da), ...}``,
 ``actor_parameters()``, ``num_samples(rollout)``, ``policy_loss(rollout, flat, idx) -> (loss, info)`` and
 ``sample_rows(rollout, idx) -> env-step row indices`` (for the critic), and ``export()`` for checkpoints.

@@ -83,23 +83,27 @@ LOOP_DRIVER = (
     "destroy_process_group(owned)\n"
 )
 
-#: the update alone on this rank's columns of a saved rollout, for each scenario (agent settings)
+#: the update alone on this rank's columns of a saved rollout, for each job (a run config, a rollout, scenarios)
 UPDATE_DRIVER = (
     "import json, os, sys\n"
     "import torch\n"
     "from dpft.cli import _with_preset\n"
     "from dpft.config import compose\n"
     "from dpft.agents.finetune import Finetuner\n"
+    "from dpft.train_utils import destroy_process_group, dist_info_from_env, init_process_group\n"
     "from tests.test_ddp_finetune import run_scenarios, slice_rollout\n"
     "spec = json.loads(sys.argv[1])\n"
-    "t = Finetuner(compose('finetune', _with_preset(spec['overrides'])))\n"
-    "r = t.dist.rank\n"
-    "try:\n"
-    "    ro = slice_rollout(torch.load(spec['rollout']), r * t.local_envs, (r + 1) * t.local_envs)\n"
-    "    res = run_scenarios(t, ro, spec['scenarios'])\n"
-    "    torch.save(res, os.path.join(spec['dump'], 'rank%d.pt' % r))\n"
-    "finally:\n"
-    "    t.close()\n"
+    "owned = init_process_group(dist_info_from_env(), torch.device('cpu'))\n"
+    "for job in spec['jobs']:\n"
+    "    t = Finetuner(compose('finetune', _with_preset(job['overrides'])))\n"
+    "    r = t.dist.rank\n"
+    "    try:\n"
+    "        ro = slice_rollout(torch.load(job['rollout']), r * t.local_envs, (r + 1) * t.local_envs)\n"
+    "        res = run_scenarios(t, ro, job['scenarios'])\n"
+    "        torch.save(res, os.path.join(spec['dump'], '%s_rank%d.pt' % (job['name'], r)))\n"
+    "    finally:\n"
+    "        t.close()\n"
+    "destroy_process_group(owned)\n"
 )
 
 
@@ -192,45 +196,85 @@ def _digest_equal(a, b):
 
 
 # ---------------------------------------------------------------------------------------------- the update
-@pytest.mark.slow  # two processes (~15 s on an idle 2-core machine, mostly imports)
-def test_two_rank_update_equals_single_process_update(tmp_path):
-    scenarios = [
+def test_sample_layout_maps_global_samples_to_their_rank():
+    """(T=2, N=4 envs, S=3 samples per env step) over 2 ranks of 2 envs: global sample s = (t*4 + n)*3 + k."""
+    from dpft.rl.data_parallel import SampleLayout
+
+    r0, r1 = SampleLayout(2, 2, 3, 0, 2), SampleLayout(2, 2, 3, 1, 2)
+    assert r0.total == r1.total == 24
+    # s=7: row 2 (t=0, env 2 -> rank 1, its env 0), k=1 -> local (0*2 + 0)*3 + 1 = 1
+    # s=14: row 4 (t=1, env 0 -> rank 0, its env 0), k=2 -> local (1*2 + 0)*3 + 2 = 8
+    # s=23: row 7 (t=1, env 3 -> rank 1, its env 1), k=2 -> local (1*2 + 1)*3 + 2 = 11
+    idx = torch.tensor([7, 14, 23, 0])
+    assert r0.local(idx).tolist() == [8, 0] and r1.local(idx).tolist() == [1, 11]
+    # every global sample on exactly one rank, at the place the rank's own (T, N_l, S) layout puts it
+    ids = torch.arange(24).reshape(2, 4, 3)
+    everything = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    seen = []
+    for r, lay in enumerate((r0, r1)):
+        mine = ids[:, 2 * r:2 * r + 2].reshape(-1)
+        loc = lay.local(everything)
+        assert sorted(loc.tolist()) == list(range(12))
+        seen += mine[loc].tolist()
+    assert sorted(seen) == list(range(24))
+
+
+def _reference(tmp_path, name, overrides, n_steps, scenarios):
+    """A single process with all 4 envs: collect one rollout (saved for the ranks), run the scenarios on it."""
+    from dpft.agents.finetune import Finetuner
+
+    ref = Finetuner(_ft(tmp_path / ("single_" + name), *overrides))
+    try:
+        ref.collector.reset([1000 + i for i in range(4)])
+        ro = ref.collector.collect(n_steps)
+        assert ro.shape == (n_steps, 4)
+        path = str(tmp_path / ("rollout_%s.pt" % name))
+        torch.save(rollout_tensors(ro), path)
+        return path, run_scenarios(ref, ro, scenarios)
+    finally:
+        ref.close()
+
+
+@pytest.mark.slow  # two processes (~20 s on an idle 2-core machine, mostly imports)
+def test_two_rank_update_equals_single_process_update(tmp_path, diffusion_run):
+    ppo_scenarios = [
         {},  # ppo_scratch: 4 minibatches of 16, 2 epochs, grad clip 0.5, value clip, running reward scaling
         {"target_kl": 1e-7},  # the KL stop fires after the first minibatch step (ratio 1 there: KL 0)
         {"batch_size": 1, "update_epochs": 1},  # 64 one-sample minibatches: one rank has none in each
     ]
-    from dpft.agents.finetune import Finetuner
-
-    ref = Finetuner(_ft(tmp_path / "single", *SCRATCH))
-    try:
-        ref.collector.reset([1000 + i for i in range(4)])
-        ro = ref.collector.collect(16)
-        assert ro.shape == (16, 4)
-        torch.save(rollout_tensors(ro), str(tmp_path / "rollout.pt"))
-        want = run_scenarios(ref, ro, scenarios)
-    finally:
-        ref.close()
+    dppo = ["agent=dppo", "checkpoint=%s" % diffusion_run, "envs=4", "n_steps=3", "agent.ft_denoising_steps=3",
+            "agent.batch_size=8", "agent.update_epochs=2", "agent.critic_dims=[16,16,16]", "agent.n_critic_warmup_itr=0",
+            "eval_episodes=1", "max_episode_steps=20", "progress=false", "num_threads=1", "inril.monitor_every=0"]
+    dppo_scenarios = [{}, {"batch_size": 5, "clip_vloss": 0.2}]  # (env step, denoising step) pairs: 36 per rollout
+    jobs = []
+    want = {}
+    for name, overrides, n_steps, scenarios in (("ppo", SCRATCH, 16, ppo_scenarios), ("dppo", dppo, 3, dppo_scenarios)):
+        path, want[name] = _reference(tmp_path, name, overrides, n_steps, scenarios)
+        jobs.append({"name": name, "overrides": ["out=%s" % (tmp_path / ("ddp_" + name))] + list(overrides),
+                     "rollout": path, "scenarios": scenarios})
     dump = tmp_path / "dump"
     dump.mkdir()
-    spec = {"overrides": ["out=%s" % (tmp_path / "ddp")] + SCRATCH, "rollout": str(tmp_path / "rollout.pt"),
-            "scenarios": scenarios, "dump": str(dump)}
-    launch_pair(UPDATE_DRIVER, spec)
-    got = [torch.load(str(dump / ("rank%d.pt" % r))) for r in range(2)]
-    for i, sc in enumerate(scenarios):
-        w0, w1, ws = got[0][i]["weights"], got[1][i]["weights"], want[i]["weights"]
-        assert _digest_equal(w0, w1), sc  # every rank applied the same summed gradients
-        for k in ws:
-            torch.testing.assert_close(w0[k], ws[k], rtol=1e-4, atol=2e-5, msg=lambda m: "%s %s: %s" % (sc, k, m))
-        for info0, info1, info_s in zip(got[0][i]["infos"], got[1][i]["infos"], want[i]["infos"]):
-            assert info0 == info1
-            assert info0["grad_steps"] == info_s["grad_steps"] and info0["kl_stop"] == info_s["kl_stop"], sc
-            assert set(info0) == set(info_s), sc
-            for key in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio", "entropy", "explained_variance"):
-                if key in info_s:  # (no step taken: no losses)
-                    assert info0[key] == pytest.approx(info_s[key], rel=1e-4, abs=1e-6), (sc, key)
-    steps = [[info["grad_steps"] for info in want[i]["infos"]] for i in range(3)]
+    launch_pair(UPDATE_DRIVER, {"jobs": jobs, "dump": str(dump)})
+    for job in jobs:
+        name = job["name"]
+        got = [torch.load(str(dump / ("%s_rank%d.pt" % (name, r)))) for r in range(2)]
+        for i, sc in enumerate(job["scenarios"]):
+            w0, w1, ws = got[0][i]["weights"], got[1][i]["weights"], want[name][i]["weights"]
+            assert _digest_equal(w0, w1), (name, sc)  # every rank applied the same summed gradients
+            for k in ws:
+                torch.testing.assert_close(w0[k], ws[k], rtol=1e-4, atol=2e-5,
+                                           msg=lambda m: "%s %s %s: %s" % (name, sc, k, m))
+            for info0, info1, info_s in zip(got[0][i]["infos"], got[1][i]["infos"], want[name][i]["infos"]):
+                assert info0 == info1
+                assert set(info0) == set(info_s), (name, sc)
+                assert info0["grad_steps"] == info_s["grad_steps"] and info0["kl_stop"] == info_s["kl_stop"], sc
+                for key in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio", "entropy", "explained_variance"):
+                    if key in info_s:  # (no step taken: no losses)
+                        assert info0[key] == pytest.approx(info_s[key], rel=1e-4, abs=1e-6), (name, sc, key)
+    steps = [[info["grad_steps"] for info in w["infos"]] for w in want["ppo"]]
     assert steps[0] == [8, 8] and steps[2] == [64, 64]
-    assert steps[1][0] == 1 and want[1]["infos"][0]["kl_stop"]  # the stop fired before the second step
+    assert steps[1][0] == 1 and want["ppo"][1]["infos"][0]["kl_stop"]  # the stop fired before the second step
+    assert [[info["grad_steps"] for info in w["infos"]] for w in want["dppo"]] == [[8, 8], [14, 14]]
 
 
 # ---------------------------------------------------------------------------------------------- the loop
