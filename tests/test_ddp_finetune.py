@@ -287,7 +287,7 @@ def _rank_results(dump, name):
 
 
 @pytest.mark.slow  # two processes running three short fine-tuning runs (~30 s on an idle 2-core machine)
-def test_two_rank_finetune_ppo_hopper_and_exact_resume(tmp_path):
+def test_two_rank_finetune_ppo_hopper_and_exact_resume(tmp_path, capsys):
     run, split, dump = tmp_path / "run", tmp_path / "split", tmp_path / "dump"
     dump.mkdir()
     first = [o for o in SCRATCH if not o.startswith("iterations=")] + ["iterations=1"]
@@ -317,6 +317,17 @@ def test_two_rank_finetune_ppo_hopper_and_exact_resume(tmp_path):
     _, resumed = _rank_results(dump, "resumed")
     assert _digest_equal(resumed, w)
     assert [r["env_steps"] for r in read_metrics(str(split))] == [0, 64, 128]
+
+    # the DDP run's checkpoint is the single-process layout: one process resumes it (warned: not bit-exact), and
+    # it loads as a policy
+    import dpft
+    from dpft.agents.finetune import finetune
+
+    more = [o for o in SCRATCH if not o.startswith("iterations=")] + ["iterations=3", "resume=true"]
+    finetune(_ft(run, *more))
+    assert "written by 2 process(es) and this run has 1" in capsys.readouterr().err
+    assert [r["env_steps"] for r in read_metrics(str(run))] == [0, 64, 128, 192]
+    assert dpft.load_policy(str(run)) is not None
 
 
 @pytest.mark.slow  # two processes, one DPPO and one residual PPO iteration (~25 s on an idle 2-core machine)
