@@ -68,7 +68,7 @@ class DPPOAgent(OnPolicyAgent):
         old = flat["act"]["logprob"][rows, k][:, :a]
         new_lp = clamp_mean(new, cfg.logprob_min, cfg.logprob_max)
         old_lp = clamp_mean(old, cfg.logprob_min, cfg.logprob_max)
-        adv = normalized(flat["adv"][rows], cfg.norm_adv) * self.discount_k[k]
+        adv = normalized(flat["adv"][rows], cfg.norm_adv, self.adv_reduce) * self.discount_k[k]
         loss, info = ppo_policy_loss(new_lp, old_lp, adv, self.clip_k[k])
         return loss, info
 

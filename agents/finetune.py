@@ -42,6 +42,17 @@ and restarts every env with the "open" gripper command, so on the CPU fake a res
 uninterrupted run's weights (tested for dppo, residual_ppo and idql). On Isaac Gym the resumed run restores the
 same weights, optimizer, replay and RNG state and the same seeded reset draw, but PhysX on the GPU is not
 bit-reproducible, so its trajectories (and weights) drift from an uninterrupted run's.
+
+Data parallel (``torchrun --standalone --nproc_per_node W -m dpft.cli finetune ...``; env ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``; gloo on CPU, NCCL with ``device=cuda`` on ``cuda:LOCAL_RANK``; docs/design.md): ``envs`` is the
+GLOBAL env count (divisible by W, refused otherwise) and ``agent.batch_size`` the GLOBAL minibatch. Rank r steps
+the envs ``r * envs / W ...`` seeded as a single process would seed them, sampling from its own stream reseeded
+every iteration from (seed, rank, iteration); the update is the single-process update over all ranks' samples
+(global minibatches from rank 0's permutation, each rank's mean losses weighted by its share and the gradients
+summed, global advantage normalization, reward-scaler and observation statistics, KL stop;
+:mod:`dpft.rl.data_parallel`), so the replicas stay bit-identical. Rank 0 evaluates, logs (episodes and env
+steps gathered from every rank), writes checkpoints and the PNG; the others wait at barriers; every rank resumes
+from the same checkpoint (exact with the same W). ``agent=idql`` and IN-RIL/CAIR are refused under DDP.
 """
 from __future__ import annotations
 
@@ -90,7 +101,7 @@ class Finetuner:
 
         from dpft.config import to_object, to_yaml
         from dpft.rundir import open_run_dir
-        from dpft.train_utils import resolve_device
+        from dpft.train_utils import dist_info_from_env, resolve_device
 
         self.cfg_node = cfg
         self.cfg = to_object(cfg)
@@ -101,16 +112,23 @@ class Finetuner:
                             "agent=cmil to dpft.agents.cmil.CmilTrainer." % c.agent.name)
         self.config_yaml = to_yaml(cfg)
         self.config_dict = OmegaConf.to_container(cfg, resolve=True)
-        self.device = resolve_device(c.device)
+        self.dist = dist_info_from_env()  # (H-ddp) torchrun: RANK / WORLD_SIZE / LOCAL_RANK
+        self.rank0 = self.dist.rank == 0
+        self.local_envs = _check_data_parallel(c, self.dist.world_size)
+        self.device = resolve_device(c.device, self.dist.local_rank)
         if c.num_threads:
             torch.set_num_threads(int(c.num_threads))
         if c.checkpoint and not os.path.exists(str(c.checkpoint)):
             raise DpftError("checkpoint='%s' does not exist; pass a pretrained run directory (its newest checkpoint "
                             "is used) or a checkpoint directory." % c.checkpoint)
-        self.run_dir = open_run_dir(c.out, kind="finetune", resume=c.resume, overwrite=c.overwrite)
-        self.out = self.run_dir.path
+        self.run_dir = (open_run_dir(c.out, kind="finetune", resume=c.resume, overwrite=c.overwrite)
+                        if self.rank0 else None)  # (H-ddp) rank 0 owns the run directory
+        self.out = self.run_dir.path if self.run_dir is not None else os.path.abspath(os.path.expanduser(str(c.out)))
         self.env = None  # type: Any
+        self._pg_owned = False
+        self.dp = None  # type: Any
         try:
+            self._init_data_parallel()
             self._build()
         except BaseException:
             self.close()
@@ -141,17 +159,23 @@ class Finetuner:
             self.policy = Policy(model, normalizer, meta, weights="model", device=self.device)
             self.model = self.policy.model
             self.model.train()
-            self.env = self._make_env(meta)
+            self.env = self._make_env(meta, num_envs=self.local_envs)
             self.gen = torch.Generator(device="cpu")
             self.gen.manual_seed(int(c.seed))
             agent_cls = getattr(importlib.import_module(module), cls)
             kw = {"scratch": True} if scratch else {}
             self.agent = agent_cls(c.agent, self.policy, self.env.num_envs, self.device, self.gen, c.iterations, **kw)
+            if self.dp is not None:
+                self.agent.dp = self.dp
         from dpft.agents.collector import OnPolicyCollector
 
         self.collector = OnPolicyCollector(self.env, self.agent)
         from dpft.agents.inril import build_inril  # (H-inril) IN-RIL / CAIR / alignment monitor plug-in
 
+        if self.dp is not None and int(c.inril.monitor_every):  # (H-ddp) IN-RIL/CAIR were refused above
+            c.inril.monitor_every = 0
+            if self.rank0 and c.checkpoint:
+                print("dpft finetune: the gradient-alignment monitor (inril.monitor_every) is off under torchrun.")
         self.inril = build_inril(c, self.agent, self.meta, self.policy.normalizer, self.device)
         self.iteration = 0
         self.env_steps = 0
@@ -295,16 +319,25 @@ class Finetuner:
         extra = a.extra_weights() if hasattr(a, "extra_weights") else None
         tensors = {"critic": a.critic.state_dict(), "sampler_rng": {"state": self.gen.get_state()}}
         tensors.update(a.extra_tensors())
+        if self.dp is not None:  # (H-ddp) the reward scaler's per-env carried returns of ALL envs, rank order
+            rs = dict(tensors["reward_scaler"])
+            rs["ret"] = self.dp.all_gather_cat(a.reward_scaler.ret, 0).cpu()
+            tensors["reward_scaler"] = rs
         ts = {"optimizers": {k: o.state_dict() for k, o in a.optimizers().items()},
               "json": {"schedulers": {k: s.state_dict() for k, s in a.schedulers().items()},
                        "agent": {"train_iterations": a.train_iterations}},
               "tensors": tensors,
-              "step": {"iteration": self.iteration, "env_steps": self.env_steps, "agent": self.cfg.agent.name}}
+              "step": {"iteration": self.iteration, "env_steps": self.env_steps, "agent": self.cfg.agent.name,
+                       "world_size": self.dist.world_size}}
         if self.inril is not None:  # (H-inril) schedule, estimators, lambda, reference EMA, IL stream, IL optimizer
             self.inril.save_into(ts)
-        return save_checkpoint(self.out, self.iteration, self.model.state_dict(), None, normalizer, meta,
-                               self.config_yaml, training_state=ts, keep=self.cfg.keep_checkpoints,
-                               extra_weights=extra)
+        path = None
+        if self.rank0:  # (H-ddp) rank 0 writes; the replicas are identical
+            path = save_checkpoint(self.out, self.iteration, self.model.state_dict(), None, normalizer, meta,
+                                   self.config_yaml, training_state=ts, keep=self.cfg.keep_checkpoints,
+                                   extra_weights=extra)
+        self._barrier()
+        return path or ""
 
     def _restore(self) -> None:
         from dpft.checkpoint import find_latest, load_checkpoint, load_state_strict
@@ -333,14 +366,29 @@ class Finetuner:
             o.load_state_dict(ts["optimizers"][k])
         for k, s in a.schedulers().items():
             s.load_state_dict(ts["json"]["schedulers"][k])
-        a.load_extra_tensors(ts["tensors"])
+        extra_ts = dict(ts["tensors"])
+        if self.dist.enabled:  # (H-ddp) this rank's envs' rows of the saved carried returns (all envs)
+            rs = dict(extra_ts["reward_scaler"])
+            lo = self.dist.rank * self.local_envs
+            rs["ret"] = torch.as_tensor(rs["ret"])[lo:lo + self.local_envs]
+            extra_ts["reward_scaler"] = rs
+        a.load_extra_tensors(extra_ts)
         a.train_iterations = int(ts["json"]["agent"]["train_iterations"])
         if self.inril is not None:  # (H-inril)
             self.inril.load_from(ts, latest)
         self.gen.set_state(ts["tensors"]["sampler_rng"]["state"])
         self.iteration = int(ts["step"]["iteration"])
         self.env_steps = int(ts["step"]["env_steps"])
-        print("dpft finetune: resumed from %s (iteration %d, %d env steps)" % (latest, self.iteration, self.env_steps))
+        saved_world = int(ts["step"].get("world_size", 1))
+        if saved_world != self.dist.world_size and self.rank0:
+            import sys
+
+            print("dpft finetune: warning: the checkpoint was written by %d process(es) and this run has %d; the "
+                  "resume is not bit-exact (the ranks' sampling streams change)." % (saved_world, self.dist.world_size),
+                  file=sys.stderr)
+        if self.rank0:
+            print("dpft finetune: resumed from %s (iteration %d, %d env steps)" % (latest, self.iteration,
+                                                                               self.env_steps))
 
     # ------------------------------------------------------------------ evaluation
     def eval_policy(self) -> Any:
@@ -383,12 +431,13 @@ class Finetuner:
 
         c = self.cfg
         logger = MetricsLogger(self.out, use_wandb=c.logger == "wandb", wandb_project=c.wandb_project,
-                               wandb_mode=c.wandb_mode, config_dict=self.config_dict, start_step=self.iteration)
-        if self.iteration == 0:
+                               wandb_mode=c.wandb_mode, config_dict=self.config_dict, start_step=self.iteration,
+                               rank0=self.rank0)
+        if self.iteration == 0 and self.rank0:
             with open(os.path.join(self.out, "config.yaml"), "w") as f:
                 f.write(self.config_yaml)
         bar = None
-        if c.progress:
+        if c.progress and self.rank0:
             from tqdm import tqdm
 
             bar = tqdm(total=int(c.iterations), initial=self.iteration, desc="finetune %s" % c.agent.name,
@@ -398,13 +447,20 @@ class Finetuner:
         try:
             if self.iteration == 0:  # the starting policy, on the same evaluation episodes
                 rec = {"iteration": 0, "env_steps": 0}
-                rec.update(self.evaluate())
+                if self.rank0:  # (H-ddp) rank 0 evaluates, the others wait
+                    rec.update(self.evaluate())
+                self._barrier()
                 logger.log(rec, step=0)
                 last, evaluated = rec, True
             while self.iteration < int(c.iterations):
+                if self.dp is not None:  # (H-ddp) each rank's sampling stream, derived: resume needs no state
+                    from dpft.rl.data_parallel import rank_stream_seed
+
+                    self.gen.manual_seed(rank_stream_seed(c.seed, self.dist.rank, self.iteration))
                 if c.reset_at_iteration or evaluated or self.collector.raw_obs is None:
-                    n = self.env.num_envs
-                    self.collector.reset([env_seed(c.seed, self.iteration, i, n) for i in range(n)])
+                    n, first = int(c.envs), self.dist.rank * self.local_envs  # global env indices of this rank
+                    self.collector.reset([env_seed(c.seed, self.iteration, first + i, n)
+                                          for i in range(self.local_envs)])
                     self.agent.reward_scaler.reset()
                 t0 = time.perf_counter()
                 ro = self.collector.collect(int(c.n_steps))
@@ -412,22 +468,24 @@ class Finetuner:
                 info = self.agent.update(ro)
                 t2 = time.perf_counter()
                 self.iteration += 1
-                self.env_steps += ro.env_steps
-                eps = ro.episodes
+                eps, steps, nan_eps = self._gather_episodes(ro)
+                self.env_steps += steps
                 rec = {"iteration": self.iteration, "env_steps": self.env_steps,
                        "train/episodes": len(eps),
                        "train/success_rate": float(np.mean([e["success"] for e in eps])) if eps else None,
                        "train/return": float(np.mean([e["return"] for e in eps])) if eps else None,
                        "train/length": float(np.mean([e["length"] for e in eps])) if eps else None,
                        "train/failed_episodes": int(sum(e["failed"] for e in eps)),
-                       "train/nan_episodes": int(ro.nan_episodes),
+                       "train/nan_episodes": int(nan_eps),
                        "time/env": ro.env_time, "time/inference": ro.policy_time, "time/update": t2 - t1,
-                       "time/iteration": t2 - t0, "env_steps_per_s": ro.env_steps / max(t2 - t0, 1e-9)}
+                       "time/iteration": t2 - t0, "env_steps_per_s": steps / max(t2 - t0, 1e-9)}
                 rec.update(info)
                 final = self.iteration >= int(c.iterations)
                 evaluated = final or bool(c.eval_every and self.iteration % int(c.eval_every) == 0)
                 if evaluated:
-                    rec.update(self.evaluate())
+                    if self.rank0:
+                        rec.update(self.evaluate())
+                    self._barrier()
                 logger.log(rec, step=self.iteration)
                 last = rec
                 if bar is not None:
@@ -440,24 +498,76 @@ class Finetuner:
             if bar is not None:
                 bar.close()
             logger.close()
+        from dpft.checkpoint import find_latest
+
+        if not self.rank0:  # (H-ddp)
+            return find_latest(self.out) or self.out
         png = plot_finetune_curves(self.out)
         if self.inril is not None:  # (H-inril)
             from dpft.agents.inril import plot_alignment
 
             plot_alignment(self.out)
-        from dpft.checkpoint import find_latest
-
         final = find_latest(self.out)
         print("dpft finetune: done at iteration %d (%d env steps); eval success %s, return %s; checkpoint %s%s"
               % (self.iteration, self.env_steps, _fmt(last.get("eval/success_rate")), _fmt(last.get("eval/return")),
                  final, ("; curves " + png) if png else ""))
         return final or self.out
 
+    # ------------------------------------------------------------------ data parallel (H-ddp)
+    def _init_data_parallel(self) -> None:
+        """Join torchrun's process group (gloo on CPU, NCCL on CUDA) and wait until rank 0 has opened ``out=``."""
+        from dpft.train_utils import barrier, init_process_group
+
+        if not self.dist.enabled:
+            return
+        from dpft.rl.data_parallel import DataParallel
+
+        self._pg_owned = init_process_group(self.dist, self.device)
+        self.dp = DataParallel(self.dist, self.device)
+        barrier(self.dist)
+
+    def _barrier(self) -> None:
+        if self.dp is not None:
+            self.dp.barrier()
+
+    def _gather_episodes(self, ro: Any) -> Tuple[List[Dict[str, Any]], int, int]:
+        """The iteration's finished episodes, env steps and NaN-cut episodes of all ranks (rank order)."""
+        if self.dp is None:
+            return list(ro.episodes), int(ro.env_steps), int(ro.nan_episodes)
+        parts = self.dp.gather_objects((list(ro.episodes), int(ro.env_steps), int(ro.nan_episodes)))
+        return ([e for p in parts for e in p[0]], sum(p[1] for p in parts), sum(p[2] for p in parts))
+
     def close(self) -> None:
+        from dpft.train_utils import destroy_process_group
+
         if self.env is not None:
             self.env.close()
             self.env = None
-        self.run_dir.close()
+        run_dir, self.run_dir = getattr(self, "run_dir", None), None
+        if run_dir is not None:
+            run_dir.close()
+        owned, self._pg_owned = getattr(self, "_pg_owned", False), False
+        destroy_process_group(owned)
+
+
+def _check_data_parallel(c: Any, world_size: int) -> int:
+    """(H-ddp) The envs per rank (``envs`` is the GLOBAL count); refuses what does not run data-parallel."""
+    if world_size <= 1:
+        return int(c.envs)
+    if c.agent.name == "idql":
+        raise DpftError("agent=idql does not run data-parallel (WORLD_SIZE=%d): its replay buffer, target networks "
+                        "and replay-ratio step count are per process and are not synchronized across ranks. Run it "
+                        "as a single process (without torchrun), or use agent=dppo, ppo or residual_ppo under "
+                        "torchrun." % world_size)
+    from dpft.agents.inril import inril_active
+
+    if inril_active(c):
+        raise DpftError("IN-RIL / CAIR (inril.m=%s, cair=%s) do not run data-parallel (WORLD_SIZE=%d): the IL steps, "
+                        "demo batches and gradient statistics are per process. Run it as a single process, or set "
+                        "inril.m=inf cair=false under torchrun." % (c.inril.m, c.cair.enabled, world_size))
+    from dpft.train_utils import per_rank
+
+    return per_rank("envs", c.envs, world_size, "the global number of environments")
 
 
 def _fmt(x: Any) -> str:

@@ -15,6 +15,11 @@ Per iteration (:meth:`OnPolicyAgent.update`):
    checkpoint stays), clipped to ``max_grad_norm`` and applied by the two AdamW optimizers (actor and critic).
    During the first ``n_critic_warmup_itr`` training iterations only the critic steps.
 
+Data parallel (H-ddp, ``agent.dp`` set by the trainer under torchrun): the same loop over GLOBAL minibatches (rank 0's
+permutation of all ranks' samples); each rank computes its members (:meth:`OnPolicyAgent._dp_minibatch`), the
+gradients are summed over ranks before the NaN check and clipping, and advantage normalization, the reward scaler,
+the KL stop and the logged statistics are global (:mod:`dpft.rl.data_parallel`). Single-process runs never enter it.
+
 Subclass API: ``obs_to_model(raw)``, ``act(model_obs, deterministic) -> {"action": (N, Ta, Da), ...}``,
 ``actor_parameters()``, ``num_samples(rollout)``, ``policy_loss(rollout, flat, idx) -> (loss, info)`` and
 ``sample_rows(rollout, idx) -> env-step row indices`` (for the critic), and ``export()`` for checkpoints.
@@ -61,6 +66,10 @@ class OnPolicyAgent:
         self.reward_scaler = RunningRewardScaler(num_envs, gamma=cfg.gamma, clip=cfg.reward_clip, device=device)
         self.train_iterations = 0  # training iterations done (critic warm-up counts these)
         self.inril = None  # (H-inril) dpft.agents.inril.InRIL plug-in, attached by the trainer when configured
+        #: (H-ddp) :class:`dpft.rl.data_parallel.DataParallel` under torchrun (set by the trainer), else None
+        self.dp = None  # type: Any
+        #: (H-ddp) the minibatch's global advantage sums for :func:`normalized` (``reduce=``), set per minibatch
+        self.adv_reduce = None  # type: Any
         self._actor_on = False
 
     def build_critic(self, state_dim: int) -> nn.Module:
@@ -111,8 +120,9 @@ class OnPolicyAgent:
         """``(advantages, returns)`` ``(T, N)`` of a rollout (scaled rewards, truncation-aware GAE)."""
         cfg = self.cfg
         reward = ro.reward.to(torch.float64)
-        if cfg.reward_scale_running:
-            reward = self.reward_scaler(reward, ro.terminated | ro.truncated)
+        if cfg.reward_scale_running:  # (H-ddp) under DDP every rank merges the global return moments
+            reward = self.reward_scaler(reward, ro.terminated | ro.truncated,
+                                        reduce=self.dp.all_reduce_sum if self.dp is not None else None)
         reward = reward * cfg.reward_scale_const
         adv, ret = gae(reward.to(ro.values.dtype), ro.values, ro.next_values, ro.terminated, ro.truncated,
                        cfg.gamma, cfg.gae_lambda)
@@ -130,6 +140,10 @@ class OnPolicyAgent:
         actor_on = self.train_iterations >= cfg.n_critic_warmup_itr
         self._actor_on = actor_on
         total = self.num_samples(ro)
+        dp = self.dp
+        layout = dp.layout(ro.shape, total) if dp is not None else None
+        if layout is not None:  # (H-ddp) minibatches over the GLOBAL samples, each rank computes its members
+            total = layout.total
         bs = min(int(cfg.batch_size), total)
         n_mb = max(1, total // bs)
         stats = {"approx_kl": [], "clipfrac": [], "ratio": [], "pg_loss": [], "v_loss": [], "entropy": []}
@@ -138,9 +152,19 @@ class OnPolicyAgent:
         actor_params = self.actor_parameters()
         critic_params = list(self.critic.parameters())
         for _ in range(int(cfg.update_epochs)):
-            perm = torch.randperm(total, generator=self.gen, device="cpu").to(self.device)
+            perm = torch.randperm(total, generator=self.gen, device="cpu")
+            if dp is not None:
+                perm = dp.broadcast(perm)  # rank 0's permutation: the same minibatches on every rank
+            perm = perm.to(self.device)
             for j in range(n_mb):
                 idx = perm[j * bs:(j + 1) * bs]
+                if dp is not None:
+                    mb = self._dp_minibatch(ro, flat, layout, idx, actor_on, actor_params, critic_params, stats)
+                    if mb is None:
+                        stopped = True
+                        break
+                    steps += 1
+                    continue
                 pg, info = self.policy_loss(ro, flat, idx)
                 if cfg.target_kl is not None and actor_on and float(info["approx_kl"]) > cfg.target_kl:
                     stopped = True
@@ -184,13 +208,74 @@ class OnPolicyAgent:
             self.actor_sched.step()
         self.train_iterations += 1
         out = {k: float(np.mean(v)) for k, v in stats.items() if v}
-        ev = explained_variance(ro.values.reshape(-1), ret.reshape(-1))
+        if dp is not None:  # (H-ddp) over the whole (T, N) batch
+            ev = explained_variance(dp.all_gather_cat(ro.values, 1).reshape(-1), dp.all_gather_cat(ret, 1).reshape(-1))
+        else:
+            ev = explained_variance(ro.values.reshape(-1), ret.reshape(-1))
         if self.inril is not None:
             out.update(self.inril.pop_metrics())
         out.update({"grad_steps": steps, "kl_stop": bool(stopped), "actor_updated": bool(actor_on),
                     "explained_variance": None if ev != ev else float(ev),
                     "actor_lr": self.actor_opt.param_groups[0]["lr"], "critic_lr": self.critic_opt.param_groups[0]["lr"]})
         return out
+
+    def _dp_minibatch(self, ro: Any, flat: Dict[str, Any], layout: Any, idx: torch.Tensor, actor_on: bool,
+                      actor_params: List[nn.Parameter], critic_params: List[nn.Parameter],
+                      stats: Dict[str, List[float]]) -> Any:
+        """(H-ddp) One minibatch step under DDP (:mod:`dpft.rl.data_parallel`): this rank's members of the global
+        minibatch ``idx``, mean losses weighted by their share, gradients summed over ranks, global advantage
+        normalization and KL stop. Returns None when the target-KL stop fires (before the step), else True."""
+        from dpft.rl.data_parallel import weighted_means
+
+        cfg, dp = self.cfg, self.dp
+        local = layout.local(idx)
+        n_loc = int(local.numel())
+        w = n_loc / float(idx.numel())
+        rows = self.sample_rows(ro, local)
+        a = flat["adv"][rows].detach().reshape(-1).to(torch.float64)
+        sums = dp.all_reduce_sum(torch.stack([torch.tensor(float(a.numel()), dtype=torch.float64, device=a.device),
+                                              a.sum(), (a * a).sum()]))
+        self.adv_reduce = (lambda _local: sums) if float(sums[0]) > 1 else None
+        pg = info = None
+        if n_loc:
+            pg, info = self.policy_loss(ro, flat, local)
+        keys = ("approx_kl", "clipfrac", "ratio", "entropy")
+        g = weighted_means(dp, [("pg_loss", None if pg is None else float(pg.detach()))]
+                           + [(k, float(info[k]) if info is not None and k in info else None) for k in keys],
+                           w, self.device)
+        self.adv_reduce = None
+        if cfg.target_kl is not None and actor_on and g.get("approx_kl", 0.0) > cfg.target_kl:
+            return None
+        self.actor_opt.zero_grad(set_to_none=True)
+        self.critic_opt.zero_grad(set_to_none=True)
+        vl = None
+        if n_loc:
+            v = self.critic(self.critic_input({k: x[rows] for k, x in flat["obs"].items()}))
+            vl = value_loss(v, flat["ret"][rows], old_v=flat["v_old"][rows] if cfg.clip_vloss else None,
+                            clip=cfg.clip_vloss)
+            loss = cfg.vf_coef * vl + (pg if actor_on else 0.0 * pg)
+            (loss * w).backward()
+        vl_sum = dp.all_reduce_grads(actor_params + critic_params,
+                                     extra=torch.tensor([0.0 if vl is None else w * float(vl.detach())]))
+        v_glob = float(vl_sum[0])
+        if cfg.max_grad_norm is not None:
+            total_norm = torch.nn.utils.clip_grad_norm_(actor_params + critic_params, cfg.max_grad_norm)
+        else:
+            total_norm = grad_total_norm(actor_params + critic_params)
+        if not bool(torch.isfinite(total_norm)):
+            raise DpftError("The %s update produced NaN/Inf gradients at training iteration %d (policy loss %s, "
+                            "value loss %s); training stopped, the last good checkpoint is kept. Lower "
+                            "agent.actor_lr / agent.critic_lr or set agent.max_grad_norm."
+                            % (self.name, self.train_iterations, g.get("pg_loss"), v_glob))
+        self.critic_opt.step()
+        if actor_on:
+            self.actor_opt.step()
+        stats["pg_loss"].append(g["pg_loss"])
+        stats["v_loss"].append(v_glob)
+        for k in keys:
+            if k in g:
+                stats[k].append(g[k])
+        return True
 
     def after_backward(self, actor_params: List[nn.Parameter]) -> None:
         """Hook between backward and the optimizer steps (IN-RIL reads the RL gradient here)."""
@@ -235,7 +320,11 @@ def grad_total_norm(params: List[nn.Parameter]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
 
 
-def normalized(adv: torch.Tensor, on: bool) -> torch.Tensor:
+def normalized(adv: torch.Tensor, on: bool, reduce: Any = None) -> torch.Tensor:
+    """Per-minibatch advantage normalization (``on``); ``reduce`` (H-ddp: the agent's ``adv_reduce``) gives the
+    global minibatch sums ``(n, sum A, sum A^2)`` under DDP."""
+    if reduce is not None:
+        return normalize_advantages(adv, reduce=reduce) if on else adv
     return normalize_advantages(adv) if on and adv.numel() > 1 else adv
 
 

@@ -59,8 +59,8 @@ class PPOAgent(OnPolicyAgent):
     def obs_to_model(self, raw_obs: Dict[str, Any], update: bool = False) -> Dict[str, torch.Tensor]:
         obs = self.policy.normalize_obs(raw_obs)
         if self.obs_rms is not None:  # CleanRL NormalizeObservation: update with each new observation, then scale
-            if update:
-                self.obs_rms.update(obs["state"][:, -1])
+            if update:  # (H-ddp) under DDP every rank merges the global batch moments
+                self.obs_rms.update(obs["state"][:, -1], reduce=self.dp.all_reduce_sum if self.dp is not None else None)
             obs["state"] = self.obs_rms.normalize(obs["state"]).to(obs["state"].dtype)
         return obs
 
@@ -90,7 +90,7 @@ class PPOAgent(OnPolicyAgent):
         diff = (actions - mean)[:, :a]
         logp = -0.5 * (diff / std) ** 2 - torch.log(std) - 0.5 * float(np.log(2 * np.pi))
         new = self._reduce(logp)
-        adv = normalized(flat["adv"][idx], cfg.norm_adv)
+        adv = normalized(flat["adv"][idx], cfg.norm_adv, self.adv_reduce)
         loss, info = ppo_policy_loss(new, flat["act"]["logprob"][idx], adv, cfg.clip_coef)
         ent = self.model.entropy(reduction=cfg.logprob_reduction, act_steps=a)
         info["entropy"] = ent.detach()

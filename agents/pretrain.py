@@ -73,11 +73,16 @@ from dpft.rundir import RunDir, open_run_dir
 from dpft.train_utils import (  # noqa: F401  (re-exported: older imports name them here)
     DistInfo,
     _grad_norm,
+    all_gather_objects,
+    barrier,
     clip_grad_norm,
     config_differences as _config_differences,
     cosine_warmup_lambda,
     count_parameters,
+    destroy_process_group,
     dist_info_from_env,
+    init_process_group,
+    per_rank,
     resolve_device,
 )
 
@@ -181,12 +186,7 @@ class Pretrainer:
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         if cfg.num_threads:
             torch.set_num_threads(int(cfg.num_threads))
-        if cfg.batch_size % self.dist.world_size != 0:
-            raise DpftError("batch_size=%d is the global batch and must be divisible by the number of DDP "
-                            "processes (%d); use e.g. batch_size=%d." % (
-                                cfg.batch_size, self.dist.world_size,
-                                max(1, cfg.batch_size // self.dist.world_size) * self.dist.world_size))
-        self.per_rank_batch = cfg.batch_size // self.dist.world_size
+        self.per_rank_batch = per_rank("batch_size", cfg.batch_size, self.dist.world_size, "the global batch")
         self._kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
         # obs_keys left at robomimic's default on a file without those keys (Gym-style `obs`): the file's keys
         keys, note = resolve_obs_keys(cfg.dataset, list(cfg.obs_keys), ROBOMIMIC_LOW_DIM_KEYS)
@@ -272,19 +272,7 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ setup pieces
     def _init_process_group(self) -> None:
-        if not self.dist.enabled:
-            return
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-                raise DpftError("WORLD_SIZE=%d is set but MASTER_ADDR/MASTER_PORT are not; launch data-parallel "
-                                "training with torchrun --nproc_per_node N." % self.dist.world_size)
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo",
-                                    rank=self.dist.rank, world_size=self.dist.world_size)
-            self._pg_owned = True
+        self._pg_owned = init_process_group(self.dist, self.device)
 
     def _build_meta(self) -> Dict[str, Any]:
         cfg, info = self.cfg, self.info
@@ -412,13 +400,7 @@ class Pretrainer:
         mine = {"rng": capture_rng_state({"train": self.generator}),
                 "accumulators": {"loss_sum": float(self._loss_sum.item()),
                                  "grad_norm_sum": float(self._gn_sum.item()), "steps": self._acc_steps}}
-        if self.dist.enabled:
-            import torch.distributed as dist
-
-            gathered = [None] * self.dist.world_size  # type: List[Any]
-            dist.all_gather_object(gathered, mine)
-        else:
-            gathered = [mine]
+        gathered = all_gather_objects(mine, self.dist)
         rngs = [g["rng"] for g in gathered]
         path = None
         if self.rank0:
@@ -446,10 +428,7 @@ class Pretrainer:
         return path or os.path.join(self.out, ckpt_lib.CHECKPOINTS, ckpt_lib.step_dir_name(self.step))
 
     def _barrier(self) -> None:
-        if self.dist.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
+        barrier(self.dist)
 
     # ------------------------------------------------------------------ logging
     def _collect_metrics(self, elapsed: float) -> Dict[str, Any]:
@@ -574,12 +553,8 @@ class Pretrainer:
         run_dir, self.run_dir = getattr(self, "run_dir", None), None
         if run_dir is not None:
             run_dir.close()
-        if self._pg_owned:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            self._pg_owned = False
+        owned, self._pg_owned = self._pg_owned, False
+        destroy_process_group(owned)
 
 
 def _plain_config(cfg: Any) -> Dict[str, Any]:

@@ -202,7 +202,7 @@ class ResidualPPOAgent(OnPolicyAgent):
         cfg, m = self.cfg, self.model
         x = m.residual_input(flat["obs"]["state"][idx], flat["obs"]["base_action"][idx])
         new = m.residual.log_prob(x, flat["act"]["residual"][idx])
-        adv = normalized(flat["adv"][idx], cfg.norm_adv)
+        adv = normalized(flat["adv"][idx], cfg.norm_adv, self.adv_reduce)
         loss, info = ppo_policy_loss(new, flat["act"]["logprob"][idx], adv, cfg.clip_coef)
         ent = m.residual.entropy()
         info["entropy"] = ent.detach()

@@ -1,5 +1,6 @@
-"""Helpers every trainer shares (pretraining, fine-tuning): process-group facts, the one device resolver,
-the warm-up + cosine LR multiplier, fused gradient clipping, parameter counts and the resume config check.
+"""Helpers every trainer shares (pretraining, fine-tuning): process-group facts and set-up (torchrun's
+RANK/WORLD_SIZE/LOCAL_RANK, gloo on CPU / NCCL on CUDA, barriers, object gathers, global totals split per rank),
+the one device resolver, the warm-up + cosine LR multiplier, fused gradient clipping, parameter counts and the resume config check.
 
 Nothing here touches files or starts processes; :mod:`dpft.rundir` owns run directories.
 """
@@ -37,6 +38,65 @@ def dist_info_from_env() -> DistInfo:
                         "RANK=%r WORLD_SIZE=%r LOCAL_RANK=%r." % (os.environ.get("RANK"), os.environ.get("WORLD_SIZE"),
                                                                   os.environ.get("LOCAL_RANK"))) from None
     return DistInfo(rank=rank, world_size=world, local_rank=local, enabled=world > 1)
+
+
+def per_rank(name: str, value: int, world_size: int, what: str = "the global total") -> int:
+    """``value // world_size`` for a GLOBAL total (``batch_size``, ``envs``) split over the data-parallel ranks;
+    a DpftError naming the setting, its value and the process count when it does not divide evenly."""
+    value, world_size = int(value), int(world_size)
+    if value % world_size != 0:
+        raise DpftError("%s=%d is %s and must be divisible by the number of DDP processes (%d); use e.g. "
+                        "%s=%d." % (name, value, what, world_size, name, max(1, value // world_size) * world_size))
+    return value // world_size
+
+
+def init_process_group(info: DistInfo, device: torch.device) -> bool:
+    """Join torchrun's process group when ``info.enabled`` and none exists yet: NCCL when ``device`` is CUDA
+    (``torch.cuda.set_device(device)`` first), gloo on CPU. Returns True when this call created the group (the
+    caller then owns it: :func:`destroy_process_group`)."""
+    if not info.enabled:
+        return False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise DpftError("WORLD_SIZE=%d is set but MASTER_ADDR/MASTER_PORT are not; launch data-parallel "
+                        "training with torchrun --nproc_per_node N." % info.world_size)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=info.rank,
+                            world_size=info.world_size)
+    return True
+
+
+def destroy_process_group(owned: bool) -> None:
+    """Tear down the process group when this process created it (``owned``, see :func:`init_process_group`)."""
+    if not owned:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op for a single process)."""
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> List[Any]:
+    """Every rank's ``obj`` (JSON-like Python values), in rank order; ``[obj]`` for a single process."""
+    if not info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * info.world_size  # type: List[Any]
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def resolve_device(name: Union[str, torch.device], local_rank: int = 0) -> torch.device:
@@ -167,5 +227,6 @@ def config_differences(saved_yaml: str, cfg: Any, may_change: Collection[str],
     return diffs
 
 
-__all__ = ["DistInfo", "dist_info_from_env", "resolve_device", "cosine_warmup_lambda", "clip_grad_norm",
+__all__ = ["DistInfo", "dist_info_from_env", "per_rank", "init_process_group", "destroy_process_group", "barrier",
+           "all_gather_objects", "resolve_device", "cosine_warmup_lambda", "clip_grad_norm",
            "count_parameters", "config_differences"]
