@@ -366,6 +366,11 @@ class Finetuner:
             o.load_state_dict(ts["optimizers"][k])
         for k, s in a.schedulers().items():
             s.load_state_dict(ts["json"]["schedulers"][k])
+            # the optimizer's restored lr is the OLD schedule's; with a changed iterations= the (linear) schedule is
+            # the new one's, so every group's lr is recomputed from it at the restored step (unchanged otherwise)
+            for group, base, fn in zip(s.optimizer.param_groups, s.base_lrs, getattr(s, "lr_lambdas", ())):
+                group["lr"] = base * fn(s.last_epoch)
+            s._last_lr = [group["lr"] for group in s.optimizer.param_groups]
         extra_ts = dict(ts["tensors"])
         if self.dist.enabled:  # (H-ddp) this rank's envs' rows of the saved carried returns (all envs)
             rs = dict(extra_ts["reward_scaler"])

@@ -88,3 +88,31 @@ def test_from_scratch_checkpoint_normalizes_like_the_agent(tmp_path):
     with torch.no_grad():  # evaluation acts with the mean, clamped to the env's [-1, 1] box
         mean = policy.model.distribution(policy.normalize_obs(raw))[0]
     np.testing.assert_allclose(policy.act(raw["obs"]), mean.clamp(-1, 1).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_resume_with_a_longer_budget_follows_the_new_linear_schedule(tmp_path):
+    """A linear lr schedule re-derived from the new iterations= on resume: the first resumed iteration must run
+    at base * (1 - 2/3), not at the old schedule's restored lr (0 after 2 of 2 iterations, a no-op Adam step)."""
+    from safetensors.torch import load_file
+
+    from dpft.agents.finetune import Finetuner
+
+    out = tmp_path / "lin"
+    args = ["agent=ppo", "env=hopper", "preset=ppo_scratch", "n_steps=32", "envs=1", "agent.batch_size=32",
+            "agent.update_epochs=1", "save_every=1", "keep_checkpoints=0"]
+    t = Finetuner(_ft(out, *(args + ["iterations=2"])))
+    try:
+        t.run()
+    finally:
+        t.close()
+    t = Finetuner(_ft(out, *(args + ["iterations=3", "resume=true"])))
+    try:
+        base = 3.0e-4  # ppo_scratch actor_lr
+        for opt in t.agent.optimizers().values():
+            assert opt.param_groups[0]["lr"] == pytest.approx(base * (1.0 - 2.0 / 3.0))
+        t.run()
+    finally:
+        t.close()
+    w2 = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
+    w3 = load_file(str(out / "checkpoints" / "step_00000003" / "model.safetensors"))
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)  # the resumed iteration did move the actor
