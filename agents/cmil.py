@@ -241,9 +241,12 @@ class CmilTrainer:
         self.replay = SequenceReplay(int(k.replay_size), shape, action_dim, pdim)
         self.expert = SequenceReplay(max(len(d.images), int(k.seq_len)), shape, action_dim, pdim)
         act_n = self._norm_actions(d.actions)
+        # expert proprio normalized exactly as the online rows (_proprio_row) and the policy's input
+        pro_n = (self.normalizer.normalize("state", torch.as_tensor(np.asarray(d.proprio, np.float32))).numpy()
+                 if pdim else None)
         for sl in d.episodes():
             for buf in (self.expert, self.replay):
-                buf.add_episode(d.images[sl], _dreamer_actions(act_n[sl]), d.proprio[sl] if pdim else None)
+                buf.add_episode(d.images[sl], _dreamer_actions(act_n[sl]), pro_n[sl] if pdim else None)
         if len(self.expert) < int(k.seq_len):
             raise DpftError("Dataset '%s' holds %d steps, fewer than one sequence (cmil.seq_len=%d)."
                             % (d.path, len(self.expert), int(k.seq_len)))
@@ -328,24 +331,13 @@ class CmilTrainer:
                                self.config_yaml, training_state=ts, keep=self.cfg.keep_checkpoints)
 
     def _restore(self) -> None:
-        from dpft.checkpoint import find_latest, load_checkpoint, load_state_strict
-        from dpft.config import from_yaml_text
-        from dpft.rl.config import RESUME_MAY_CHANGE, FinetuneConfig
-        from dpft.train_utils import config_differences
+        from dpft.agents.finetune import load_resume_checkpoint
+        from dpft.checkpoint import load_state_strict
 
-        latest = find_latest(self.out)
-        if latest is None:
+        ckpt = load_resume_checkpoint(self.out, "cmil", self.cfg_node)
+        if ckpt is None:
             return  # killed before its first checkpoint: start from the beginning
-        ckpt = load_checkpoint(latest, training_state=True, ema=False)
-        saved = from_yaml_text(ckpt.config_yaml, FinetuneConfig, source=os.path.join(latest, "config.yaml"))
-        if saved.agent.name != "cmil":
-            raise DpftError("resume=true with agent=cmil, but the run in '%s' was trained with agent=%s; resume with "
-                            "the same agent (or start a new out=)." % (self.out, saved.agent.name))
-        diffs = config_differences(ckpt.config_yaml, self.cfg_node, RESUME_MAY_CHANGE)
-        if diffs:
-            desc = ", ".join("%s: %r -> %r" % x for x in diffs[:8])
-            raise DpftError("resume=true: these settings differ from the run in '%s' and may not change on resume: "
-                            "%s. Only %s may change." % (self.out, desc, ", ".join(RESUME_MAY_CHANGE)))
+        latest = ckpt.dir
         ts = ckpt.training_state
         load_state_strict(self.model, ckpt.model_state, latest)
         lr = self.learner

@@ -93,6 +93,31 @@ def _policy_spec_of(ckpt: Any) -> Dict[str, Any]:
     return policy_spec(cfg.policy)
 
 
+def load_resume_checkpoint(out: str, agent: str, cfg_node: Any) -> Any:
+    """The newest checkpoint of the run in ``out`` with its training state, for ``resume=true`` (``None`` if the run
+    has none yet), after checking that it was trained by ``agent`` and that only :data:`RESUME_MAY_CHANGE` settings
+    differ from ``cfg_node`` (errors name the run directory and the differing keys). Shared by every trainer."""
+    from dpft.checkpoint import find_latest, load_checkpoint
+    from dpft.config import from_yaml_text
+    from dpft.rl.config import RESUME_MAY_CHANGE, FinetuneConfig
+    from dpft.train_utils import config_differences
+
+    latest = find_latest(out)
+    if latest is None:
+        return None
+    ckpt = load_checkpoint(latest, training_state=True, ema=False)
+    saved = from_yaml_text(ckpt.config_yaml, FinetuneConfig, source=os.path.join(latest, "config.yaml"))
+    if saved.agent.name != agent:
+        raise DpftError("resume=true with agent=%s, but the run in '%s' was trained with agent=%s; resume with "
+                        "the same agent (or start a new out=)." % (agent, out, saved.agent.name))
+    diffs = config_differences(ckpt.config_yaml, cfg_node, RESUME_MAY_CHANGE)
+    if diffs:
+        desc = ", ".join("%s: %r -> %r" % d for d in diffs[:8])
+        raise DpftError("resume=true: these settings differ from the run in '%s' and may not change on resume: "
+                        "%s. Only %s may change." % (out, desc, ", ".join(RESUME_MAY_CHANGE)))
+    return ckpt
+
+
 class Finetuner:
     """Builds the policy, env and agent of a :class:`dpft.rl.config.FinetuneConfig` and runs the loop."""
 
@@ -340,24 +365,12 @@ class Finetuner:
         return path or ""
 
     def _restore(self) -> None:
-        from dpft.checkpoint import find_latest, load_checkpoint, load_state_strict
-        from dpft.config import from_yaml_text
-        from dpft.rl.config import RESUME_MAY_CHANGE, FinetuneConfig
-        from dpft.train_utils import config_differences
+        from dpft.checkpoint import load_state_strict
 
-        latest = find_latest(self.out)
-        if latest is None:
+        ckpt = load_resume_checkpoint(self.out, self.cfg.agent.name, self.cfg_node)
+        if ckpt is None:
             return  # killed before its first checkpoint: start from the beginning
-        ckpt = load_checkpoint(latest, training_state=True, ema=False)
-        saved = from_yaml_text(ckpt.config_yaml, FinetuneConfig, source=os.path.join(latest, "config.yaml"))
-        if saved.agent.name != self.cfg.agent.name:
-            raise DpftError("resume=true with agent=%s, but the run in '%s' was trained with agent=%s; resume with "
-                            "the same agent (or start a new out=)." % (self.cfg.agent.name, self.out, saved.agent.name))
-        diffs = config_differences(ckpt.config_yaml, self.cfg_node, RESUME_MAY_CHANGE)
-        if diffs:
-            desc = ", ".join("%s: %r -> %r" % d for d in diffs[:8])
-            raise DpftError("resume=true: these settings differ from the run in '%s' and may not change on resume: "
-                            "%s. Only %s may change." % (self.out, desc, ", ".join(RESUME_MAY_CHANGE)))
+        latest = ckpt.dir
         ts = ckpt.training_state
         load_state_strict(self.model, ckpt.model_state, latest)
         a = self.agent

@@ -279,6 +279,13 @@ def test_proprio_option_update_and_policy(pix_hdf5, tmp_path):
                      env_fns=[PixelReach])
     try:
         assert tr.meta["obs_keys"] == ["agentview_image", "robot0_eef_pos"] and tr.model.wm_cfg.proprio_dim == 3
+        # expert proprio enters both replays normalized as the online rows and the policy input are (min-max to
+        # [-1, 1] from the demos), never raw
+        n = len(tr.expert)
+        for buf in (tr.expert, tr.replay):
+            stored = buf.proprio[:n]
+            assert float(stored.min()) == pytest.approx(-1.0, abs=1e-5)
+            assert float(stored.max()) == pytest.approx(1.0, abs=1e-5)
         batch = tr._sample(tr.replay)
         assert batch["proprio"].shape == (2, 6, 3)
         info = tr.learner.update(batch, tr._sample(tr.expert))

@@ -200,6 +200,19 @@ class LayerNormGRUCell(nn.Module):
         return update * cand + (1.0 - update) * h
 
 
+@contextlib.contextmanager
+def frozen_params(*modules: nn.Module) -> Iterator[None]:
+    """Inside: every parameter of ``modules`` has ``requires_grad=False``; each flag is restored after."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
 def detach_state(state: State) -> State:
     """Every tensor of ``state`` detached (the imagination start, as DreamerV2's ``stop_gradient(post)``)."""
     return {k: v.detach() for k, v in state.items()}
@@ -447,15 +460,9 @@ class WorldModel(nn.Module):
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
         """Inside: every world-model parameter has ``requires_grad=False`` (restored after)."""
-        flags = [(p, p.requires_grad) for p in self.parameters()]
-        try:
-            for p, _ in flags:
-                p.requires_grad_(False)
+        with frozen_params(self):
             yield
-        finally:
-            for p, f in flags:
-                p.requires_grad_(f)
 
 
-__all__ = ["ConvDecoder64", "ConvEncoder64", "LayerNormGRUCell", "RSSM", "State", "WorldModel",
+__all__ = ["ConvDecoder64", "ConvEncoder64", "frozen_params", "LayerNormGRUCell", "RSSM", "State", "WorldModel",
            "WorldModelConfig", "detach_state", "image_to_float", "mlp_head"]

@@ -29,29 +29,16 @@ optimizer states, batches and generator state.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Any, Dict, Iterator, List, Mapping
+from typing import Any, Dict, List, Mapping
 
 import torch
 from torch import nn
 
-from dpft.models.world_model import detach_state, mlp_head
+from dpft.models.world_model import detach_state, frozen_params, mlp_head
 from dpft.rl.cmil_math import (add_instance_noise, discriminator_loss, ensemble_disagreement, imagined_reward,
                                lambda_returns, pair_state_next_action)
 from dpft.rl.cmil_policy import CmilModel
-
-
-@contextlib.contextmanager
-def _frozen(*modules: nn.Module) -> Iterator[None]:
-    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
 
 
 class CmilLearner:
@@ -134,7 +121,7 @@ class CmilLearner:
         # 2. expert latents
         ex = self.expert_pairs(expert)
         # 3.-5. imagination, reward, actor
-        with wm.frozen(), _frozen(self.disc):
+        with wm.frozen(), frozen_params(self.disc):
             seq = wm.imagine(lambda f: m.actor.sample(f, False, g), post, int(c.imag_horizon), float(c.discount), g)
             pairs = pair_state_next_action(seq["feat"], seq["action"], time_dim=0)  # (H, N, F + A)
             logits = self.disc(add_instance_noise(pairs, float(c.disc_noise), g)).squeeze(-1)
@@ -147,6 +134,12 @@ class CmilLearner:
             bc = self.bc_loss(ex)
             actor_loss = objective + float(c.bc_scale) * bc
         out["grad_norm/actor"] = self._step("actor", actor_loss, list(m.actor.parameters()))
+        if c.real_critic:  # the real pairs' reward, from the discriminator BEFORE its step (the reference's order)
+            with torch.no_grad():
+                rfeat = wm.rssm.get_feat(post).transpose(0, 1)  # (L, B, F)
+                ract = batch["action"].transpose(0, 1).to(rfeat.dtype)
+                rpairs = pair_state_next_action(rfeat, ract, time_dim=0)  # (L - 1, B, F + A)
+                rreward = self._disc_reward(self.disc(rpairs).squeeze(-1))
         # 6. discriminator
         policy_in = pairs.detach().reshape(-1, pairs.shape[-1])
         d_loss, d_metrics = discriminator_loss(ex["inputs"], policy_in, self.disc, float(c.disc_noise), g)
@@ -160,12 +153,14 @@ class CmilLearner:
             critic_loss = critic_loss + 0.5 * (weight * (critic(feat_c).squeeze(-1) - tgt).pow(2)).mean()
         if c.real_critic:
             with torch.no_grad():
-                rfeat = wm.rssm.get_feat(post).transpose(0, 1)  # (L, B, F)
-                ract = batch["action"].transpose(0, 1).to(rfeat.dtype)
-                rpairs = pair_state_next_action(rfeat, ract, time_dim=0)  # (L - 1, B, F + A)
-                rreward = self._disc_reward(self.disc(rpairs).squeeze(-1))
                 cont = (~batch["is_first"].transpose(0, 1)[1:]).to(rfeat.dtype)  # (L - 1, B)
-                rret = lambda_returns(rreward, self._target_value(rfeat), float(c.discount) * cont, float(c.lam))
+                rvalue = self._target_value(rfeat)  # (L, B)
+                # where t + 1 starts another episode (the window crosses a boundary) the pair (feat_t, a_{t+1})
+                # does not exist: row t gets R_t = V(feat_t) (no made-up reward, no cut of the return of t - 1,
+                # which bootstraps from V(feat_t); episodes here end by time limit or iteration cut, never by a
+                # terminal state)
+                rreward = torch.where(cont > 0, rreward, rvalue[:-1])
+                rret = lambda_returns(rreward, rvalue, float(c.discount) * cont, float(c.lam))
             for critic in self.critics:
                 err = (critic(rfeat[:-1]).squeeze(-1) - rret).pow(2) * cont
                 critic_loss = critic_loss + 0.5 * err.sum() / cont.sum().clamp(min=1.0)

@@ -59,7 +59,8 @@ class CmilConfig:
     critic_layers: int = _f(4, "critic hidden layers (2 critics, min for the targets)")
     critic_units: int = _f(200, "critic width (paper 400)")
     target_every: int = _f(100, "copy the critics into the slow targets every this many updates")
-    real_critic: bool = _f(True, "also fit the critics to lambda-returns of D on real replay sequences")
+    real_critic: bool = _f(False, "also fit the V critics to lambda-returns of D on real replay sequences "
+                           "(off-policy returns, biased for V: off by default; docs/cmil.md)")
     bc_scale: float = _f(10.0, "BC regularization weight: bc_scale * -log pi(a_expert | expert latent)")
     # schedule
     pretrain_steps: int = _f(50, "updates on the expert data before any env step (reference 1000)")
