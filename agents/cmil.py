@@ -475,17 +475,14 @@ class CmilTrainer:
         return p
 
     def evaluate(self) -> Dict[str, Any]:
+        from dpft.agents.finetune import eval_record
         from dpft.envs.rollout import rollout
 
         c = self.cfg
         t0 = time.perf_counter()
         res = rollout(self.eval_policy(), self.env, episodes=int(c.eval_episodes), seed=int(c.eval_seed),
                       deterministic=True, progress=False)
-        n = int(res["num_episodes"])
-        p = float(res["success_rate"])
-        return {"eval/success_rate": p, "eval/success_se": math.sqrt(max(p * (1 - p), 0.0) / max(n, 1)),
-                "eval/return": res["mean_return"], "eval/return_std": res["std_return"],
-                "eval/length": res["mean_length"], "eval/episodes": n, "time/eval": time.perf_counter() - t0}
+        return eval_record(res, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> str:

@@ -93,6 +93,17 @@ def _policy_spec_of(ckpt: Any) -> Dict[str, Any]:
     return policy_spec(cfg.policy)
 
 
+def eval_record(res: Dict[str, Any], seconds: float) -> Dict[str, Any]:
+    """The ``eval/*`` metrics of one evaluation from :func:`dpft.envs.rollout.rollout`'s result: success rate with
+    its binomial standard error, return mean and std, length, episode count, and its wall time. Every trainer logs
+    these keys."""
+    n = int(res["num_episodes"])
+    p = float(res["success_rate"])
+    return {"eval/success_rate": p, "eval/success_se": math.sqrt(max(p * (1 - p), 0.0) / max(n, 1)),
+            "eval/return": res["mean_return"], "eval/return_std": res["std_return"], "eval/length": res["mean_length"],
+            "eval/episodes": n, "time/eval": float(seconds)}
+
+
 def load_resume_checkpoint(out: str, agent: str, cfg_node: Any) -> Any:
     """The newest checkpoint of the run in ``out`` with its training state, for ``resume=true`` (``None`` if the run
     has none yet), after checking that it was trained by ``agent`` and that only :data:`RESUME_MAY_CHANGE` settings
@@ -430,12 +441,7 @@ class Finetuner:
         res = rollout(self.eval_policy(), self.env, episodes=int(c.eval_episodes), seed=int(c.eval_seed),
                       deterministic=True, progress=False)
         self.model.train()
-        n = int(res["num_episodes"])
-        p = float(res["success_rate"])
-        return {"eval/success_rate": p, "eval/success_se": math.sqrt(max(p * (1 - p), 0.0) / max(n, 1)),
-                "eval/return": res["mean_return"], "eval/return_std": res["std_return"], "eval/length": res["mean_length"],
-                "eval/episodes": n, "time/eval": time.perf_counter() - t0,
-                **self._heldout_il()}
+        return dict(eval_record(res, time.perf_counter() - t0), **self._heldout_il())
 
     def _heldout_il(self) -> Dict[str, Any]:
         """(H-inril) the IL loss on held-out demos at every evaluation (IN-RIL's Figure 8)."""
