@@ -99,6 +99,20 @@ class OnPolicyAgent:
     def on_episode_start(self, rows: np.ndarray) -> None:
         """Called by the collector for env rows whose episode starts (stateful actors reset them)."""
 
+    def _clip_and_check(self, params: List[nn.Parameter], pg_loss: Any, v_loss: Any) -> None:
+        """Clip ``params``' gradients to ``max_grad_norm`` (one global norm, CleanRL/ResiP) or just measure it, and
+        stop the run if that norm is NaN/Inf (one host sync; before any optimizer step, so the clipped values are
+        moot and the last good checkpoint stays)."""
+        if self.cfg.max_grad_norm is not None:
+            total_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        else:
+            total_norm = grad_total_norm(params)
+        if not bool(torch.isfinite(total_norm)):
+            raise DpftError("The %s update produced NaN/Inf gradients at training iteration %d (policy loss %s, "
+                            "value loss %s); training stopped, the last good checkpoint is kept. Lower "
+                            "agent.actor_lr / agent.critic_lr or set agent.max_grad_norm."
+                            % (self.name, self.train_iterations, pg_loss, v_loss))
+
     # ------------------------------------------------------------------ to override
     def actor_parameters(self) -> List[nn.Parameter]:
         raise NotImplementedError
@@ -181,15 +195,7 @@ class OnPolicyAgent:
                 # one combined gradient norm (one host sync): NaN/Inf anywhere makes it non-finite. With
                 # max_grad_norm it is clip_grad_norm_'s total norm (one global norm over actor and critic, CleanRL,
                 # ResiP); a non-finite one stops the run before any optimizer step, so the clipped values are moot
-                if cfg.max_grad_norm is not None:
-                    total_norm = torch.nn.utils.clip_grad_norm_(actor_params + critic_params, cfg.max_grad_norm)
-                else:
-                    total_norm = grad_total_norm(actor_params + critic_params)
-                if not bool(torch.isfinite(total_norm)):
-                    raise DpftError("The %s update produced NaN/Inf gradients at training iteration %d (policy loss "
-                                    "%s, value loss %s); training stopped, the last good checkpoint is kept. Lower "
-                                    "agent.actor_lr / agent.critic_lr or set agent.max_grad_norm."
-                                    % (self.name, self.train_iterations, float(pg.detach()), float(vl.detach())))
+                self._clip_and_check(actor_params + critic_params, float(pg.detach()), float(vl.detach()))
                 self.critic_opt.step()
                 if actor_on:
                     self.actor_opt.step()
@@ -258,15 +264,7 @@ class OnPolicyAgent:
         vl_sum = dp.all_reduce_grads(actor_params + critic_params,
                                      extra=torch.tensor([0.0 if vl is None else w * float(vl.detach())]))
         v_glob = float(vl_sum[0])
-        if cfg.max_grad_norm is not None:
-            total_norm = torch.nn.utils.clip_grad_norm_(actor_params + critic_params, cfg.max_grad_norm)
-        else:
-            total_norm = grad_total_norm(actor_params + critic_params)
-        if not bool(torch.isfinite(total_norm)):
-            raise DpftError("The %s update produced NaN/Inf gradients at training iteration %d (policy loss %s, "
-                            "value loss %s); training stopped, the last good checkpoint is kept. Lower "
-                            "agent.actor_lr / agent.critic_lr or set agent.max_grad_norm."
-                            % (self.name, self.train_iterations, g.get("pg_loss"), v_glob))
+        self._clip_and_check(actor_params + critic_params, g.get("pg_loss"), v_glob)
         self.critic_opt.step()
         if actor_on:
             self.actor_opt.step()
