@@ -13,14 +13,17 @@ Measures, for a robosuite task (Lift by default) with low-dim observations (DPPO
    MLP 3 x 512, 100 training steps, DDIM) is used: its timing is that of a trained one. With
    ``--checkpoint`` the checkpoint is loaded with ``dpft.load_policy`` and evaluated on its own env.
 
-Prints a table and a markdown block to paste into BENCHMARKS.md. Timings on a shared machine vary by 10-30%;
-run it on an idle machine.
+1 and 2 are measured in alternating windows (``--window`` seconds each: single env, raw step, each pool, then
+again) over ``--seconds``, all envs and workers alive for the whole measurement, so machine-load drift hits
+every setting alike; the scaling ratio is reported from the totals and per round (median, min, max). Measured
+one after the other, the single env and the pool used to see different machine states and the ratio swung
+(0.58-0.90 on the same idle machine). Prints a table and a markdown block to paste into BENCHMARKS.md.
 
 Example usage::
 
-    python tools/bench_envs.py                      # N = cores and 2 x cores, 500 steps per measurement
-    python tools/bench_envs.py --workers 2 4 --steps 2000 --rollout-episodes 4
-    python tools/bench_envs.py --steps 50           # quick smoke run
+    python tools/bench_envs.py                      # N = cores and 2 x cores, 30 s of 2 s windows
+    python tools/bench_envs.py --workers 2 4 --seconds 60 --rollout-episodes 4
+    python tools/bench_envs.py --seconds 4 --window 0.5 --rollout-episodes 0   # quick smoke run
     python tools/bench_envs.py --checkpoint runs/lift/checkpoints/step_00010000 --rollout-episodes 8
 """
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_pretrain.measure
 
 #: DPPO's low-dim observation keys (robomimic names) per robosuite task
 DPPO_OBS_KEYS = {
@@ -56,47 +60,85 @@ def env_factory(task: str, max_episode_steps: int):
                       kwargs={"max_episode_steps": max_episode_steps})
 
 
-def bench_single(factory, steps: int, seed: int, raw: bool = False) -> float:
-    """env-steps/s of one env in this process (one warm-up step excluded).
+class SingleEnv:
+    """One env in this process, stepped one random action per call (reset when its episode ends).
 
-    ``raw=True`` times robosuite's own ``env.step`` on the adapter's underlying env instead (the adapter's
+    ``raw=True`` steps robosuite's own ``env.step`` on the adapter's underlying env instead (the adapter's
     overhead is the difference)."""
-    env = factory()
-    rng = np.random.default_rng(seed)
+
+    def __init__(self, factory, seed: int, raw: bool = False):
+        self.env = factory()
+        self.rng = np.random.default_rng(seed)
+        self.raw = raw
+        self.env.reset(seed=seed)
+        self.steps_in_episode = 0
+
+    def __call__(self) -> int:
+        a = self.rng.uniform(-1, 1, self.env.action_dim)
+        if self.raw:
+            self.env.env.step(a)
+            self.steps_in_episode += 1
+            if self.steps_in_episode >= self.env.max_episode_steps:  # the adapter's time limit, reset alike
+                self.env.env.reset()
+                self.steps_in_episode = 0
+            return 1
+        _, _, term, trunc, _ = self.env.step(a)
+        if term or trunc:
+            self.env.reset()
+        return 1
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class PoolEnv:
+    """A process :class:`dpft.envs.vector.VectorEnv` of ``num_envs`` workers, stepped one random action chunk
+    (``act_steps`` actions per env, one IPC round trip) per call; a call returns the env steps taken."""
+
+    def __init__(self, factory, num_envs: int, act_steps: int, seed: int):
+        from dpft.envs.vector import VectorEnv
+
+        t0 = time.perf_counter()
+        self.venv = VectorEnv([factory] * num_envs, act_steps=act_steps, mode="process")
+        self.startup_s = time.perf_counter() - t0
+        self.num_envs, self.act_steps = num_envs, act_steps
+        self.rng = np.random.default_rng(seed)
+        self.venv.reset(seeds=[seed + i for i in range(num_envs)])
+
+    def __call__(self) -> int:
+        res = self.venv.step(self.rng.uniform(-1, 1, (self.num_envs, self.act_steps, self.venv.action_dim)))
+        return int(res.info["steps"].sum())
+
+    def close(self) -> None:
+        self.venv.close()
+
+
+def bench_alternating(factory, workers: List[int], act_steps: int, seconds: float, window: float,
+                      seed: int) -> Dict[str, Any]:
+    """env-steps/s of one in-process env, robosuite's raw step and each worker pool, measured in alternating
+    windows (single, raw, pool N1, pool N2, single, ...) so that machine-load drift hits all of them alike.
+
+    Returns ``{"rates": {name: env-steps/s over all windows}, "rounds": [{name: env-steps/s}],
+    "scaling": {n: total pool rate / (min(n, cores) x total single rate)}, "round_scaling": {n: [per round]},
+    "startup_s": {n: s}}``."""
+    from bench_pretrain import measure
+
+    cores = os.cpu_count() or 1
+    runners: Dict[str, Any] = {"single": SingleEnv(factory, seed), "raw": SingleEnv(factory, seed, raw=True)}
+    for n in workers:
+        runners["pool%d" % n] = PoolEnv(factory, n, act_steps, seed)
     try:
-        env.reset(seed=seed)
-        env.step(rng.uniform(-1, 1, env.action_dim))
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            if raw:
-                env.env.step(rng.uniform(-1, 1, env.action_dim))
-                continue
-            _, _, term, trunc, _ = env.step(rng.uniform(-1, 1, env.action_dim))
-            if term or trunc:
-                env.reset()
-        return steps / (time.perf_counter() - t0)
+        fns = list(runners.items())
+        measure(fns, min(2.0, seconds / 5), min(window, 0.5), lambda: None, 1)  # warm-up (JIT, caches)
+        res = measure(fns, seconds, window, lambda: None, 1)
     finally:
-        env.close()
-
-
-def bench_vector(factory, num_envs: int, steps: int, act_steps: int, seed: int) -> Dict[str, float]:
-    """Aggregate env-steps/s of a process VectorEnv (the first chunk, a warm-up, is excluded)."""
-    from dpft.envs.vector import VectorEnv
-
-    rng = np.random.default_rng(seed)
-    t_start = time.perf_counter()
-    with VectorEnv([factory] * num_envs, act_steps=act_steps, mode="process") as venv:
-        startup = time.perf_counter() - t_start
-        venv.reset(seeds=[seed + i for i in range(num_envs)])
-        venv.step(rng.uniform(-1, 1, (num_envs, act_steps, venv.action_dim)))
-        chunks = max(1, steps // act_steps)
-        done_steps = 0
-        t0 = time.perf_counter()
-        for _ in range(chunks):
-            res = venv.step(rng.uniform(-1, 1, (num_envs, act_steps, venv.action_dim)))
-            done_steps += int(res.info["steps"].sum())
-        elapsed = time.perf_counter() - t0
-    return {"steps_per_s": done_steps / elapsed, "startup_s": startup}
+        for r in runners.values():
+            r.close()
+    rates = {k: v[0] / v[1] for k, v in res["totals"].items()}
+    scaling = {n: rates["pool%d" % n] / (min(n, cores) * rates["single"]) for n in workers}
+    round_scaling = {n: [r["pool%d" % n] / (min(n, cores) * r["single"]) for r in res["rates"]] for n in workers}
+    return {"rates": rates, "rounds": res["rates"], "scaling": scaling, "round_scaling": round_scaling,
+            "startup_s": {n: runners["pool%d" % n].startup_s for n in workers}}
 
 
 def untrained_policy(obs_shapes: Dict[str, Any], obs_keys: List[str], ddim_steps: int, horizon_steps: int,
@@ -143,7 +185,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="lift", help="robosuite task (lift, can, square, transport)")
-    parser.add_argument("--steps", type=int, default=500, help="env steps per env per measurement")
+    parser.add_argument("--seconds", type=float, default=30.0,
+                        help="measurement time after a warm-up, shared by all settings (alternating windows)")
+    parser.add_argument("--window", type=float, default=2.0, help="seconds per measurement window")
     parser.add_argument("--workers", type=int, nargs="+", default=sorted({cores, 2 * cores}),
                         help="worker counts to measure (default: cores and 2 x cores = %(default)s)")
     parser.add_argument("--act-steps", type=int, default=4, help="actions per chunk (one IPC round trip)")
@@ -153,32 +197,32 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="episodes of the rollout measurement (0 skips it)")
     parser.add_argument("--rollout-envs", type=int, default=cores, help="worker processes of the rollout")
     parser.add_argument("--max-episode-steps", type=int, default=None,
-                        help="episode length (default: --steps, so the rollout measurement stays short)")
+                        help="episode length (default 200, so the rollout measurement stays short)")
     parser.add_argument("--checkpoint", default=None,
                         help="measure the rollout with this checkpoint (its own env) instead of an untrained model")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads of this (policy) process")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.act_steps < 1 or any(w < 1 for w in args.workers):
-        parser.error("--steps, --act-steps and --workers must be >= 1")
+    if args.seconds <= 0 or args.window <= 0 or args.act_steps < 1 or any(w < 1 for w in args.workers):
+        parser.error("--seconds and --window must be > 0, --act-steps and --workers >= 1")
 
     import torch
 
     torch.set_num_threads(args.torch_threads)
-    max_steps = args.max_episode_steps or args.steps
+    max_steps = args.max_episode_steps or 200
     factory = env_factory(args.task, max_steps)
     probe = factory()
     obs_shapes = dict(probe.obs_shapes)
     action_dim = int(probe.action_dim)
     probe.close()
 
-    single = bench_single(factory, args.steps, args.seed)
-    raw_single = bench_single(factory, args.steps, args.seed, raw=True)
+    alt = bench_alternating(factory, args.workers, args.act_steps, args.seconds, args.window, args.seed)
+    single, raw_single = alt["rates"]["single"], alt["rates"]["raw"]
     rows = []
     for n in args.workers:
-        r = bench_vector(factory, n, args.steps, args.act_steps, args.seed)
-        ratio = r["steps_per_s"] / (min(n, cores) * single)
-        rows.append((n, r["steps_per_s"], ratio, r["startup_s"]))
+        rs = sorted(alt["round_scaling"][n])
+        rows.append((n, alt["rates"]["pool%d" % n], alt["scaling"][n], alt["startup_s"][n], rs[len(rs) // 2],
+                     rs[0], rs[-1]))
     roll = None
     if args.rollout_episodes > 0:
         roll = bench_rollout(args, factory, args.rollout_envs, obs_shapes, action_dim)
@@ -189,11 +233,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         robosuite.__version__, args.task, ", ".join(obs_keys_for(args.task)), cores, platform.processor() or platform.machine(),
         platform.python_version(), torch.__version__)
     print(header)
-    print("%-28s %14s %10s %10s" % ("setup", "env-steps/s", "scaling", "start (s)"))
-    print("%-28s %14.1f %10s %10s" % ("1 env, in-process", single, "-", "-"))
-    print("%-28s %14.1f %10s %10s" % ("  raw robosuite env.step", raw_single, "-", "-"))
-    for n, sps, ratio, start in rows:
-        print("%-28s %14.1f %10.2f %10.1f" % ("%d workers (act_steps %d)" % (n, args.act_steps), sps, ratio, start))
+    print("%d rounds of alternating %.1f s windows" % (len(alt["rounds"]), args.window))
+    print("%-28s %14s %10s %22s %10s" % ("setup", "env-steps/s", "scaling", "per round med [min,max]",
+                                         "start (s)"))
+    print("%-28s %14.1f %10s %22s %10s" % ("1 env, in-process", single, "-", "-", "-"))
+    print("%-28s %14.1f %10s %22s %10s" % ("  raw robosuite env.step", raw_single, "-", "-", "-"))
+    for n, sps, ratio, start, med, lo, hi in rows:
+        print("%-28s %14.1f %10.2f %10.2f [%.2f, %.2f] %10.1f" % (
+            "%d workers (act_steps %d)" % (n, args.act_steps), sps, ratio, med, lo, hi, start))
     if roll is not None:
         print("rollout: %d episodes on %d workers, %.0f env-steps/s, %.1f%% of wall time outside the simulator "
               "(policy %.2f s, sim %.2f s, wall %.2f s after %.1f s of worker startup)" % (
@@ -203,13 +250,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     print("\n```markdown")
     print("### Env throughput (`python tools/bench_envs.py %s`)\n" % " ".join(argv if argv is not None else sys.argv[1:]))
-    print(header + ", %d steps per measurement.\n" % args.steps)
-    print("| setup | env-steps/s | scaling vs cores x single (goal >= 0.8) |")
-    print("|---|---|---|")
-    print("| 1 env, in-process | %.1f | - |" % single)
-    print("| (raw robosuite `env.step` of the same env, no adapter) | %.1f | - |" % raw_single)
-    for n, sps, ratio, _ in rows:
-        print("| %d worker processes, act_steps %d | %.1f | %.2f |" % (n, args.act_steps, sps, ratio))
+    print(header + "; %d rounds of alternating %.1f s windows (single, raw, pools), episodes of %d steps.\n"
+          % (len(alt["rounds"]), args.window, max_steps))
+    print("| setup | env-steps/s | scaling vs cores x single (goal >= 0.8) | per-round scaling, median [min, max] |")
+    print("|---|---|---|---|")
+    print("| 1 env, in-process | %.1f | - | - |" % single)
+    print("| (raw robosuite `env.step` of the same env, no adapter) | %.1f | - | - |" % raw_single)
+    for n, sps, ratio, _, med, lo, hi in rows:
+        print("| %d worker processes, act_steps %d | %.1f | %.2f | %.2f [%.2f, %.2f] |" % (
+            n, args.act_steps, sps, ratio, med, lo, hi))
     if roll is not None:
         what = ("checkpoint %s" % args.checkpoint) if args.checkpoint else (
             "an untrained diffusion MLP 3x512 (dpft Policy), %d DDIM steps, Ta %d, act_steps %d" % (

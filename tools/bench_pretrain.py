@@ -24,7 +24,7 @@ import platform
 import sys
 import tempfile
 import time
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -62,33 +62,38 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure(fns: List[Tuple[str, Callable[[], None]]], seconds: float, window: float, sync: Callable[[], None],
-            batch: int, check_every: int = 1) -> dict:
-    """Alternate windows of each fn (the clock is read every ``check_every`` steps, after ``sync``).
+def measure(fns: List[Tuple[str, Callable[[], Optional[int]]]], seconds: float, window: float,
+            sync: Callable[[], None], batch: int, check_every: int = 1) -> dict:
+    """Alternate windows of each fn (the clock is read every ``check_every`` calls, after ``sync``).
 
-    Returns ``{"totals": {name: [steps, seconds]}, "ratios": [first/second samples/s per round]}``."""
+    A call counts ``batch`` samples, or the int it returns (e.g. env steps actually taken). Returns
+    ``{"totals": {name: [samples, seconds]}, "ratios": [first/second samples/s per round],
+    "rates": [{name: samples/s} per round]}``."""
     totals = {name: [0, 0.0] for name, _ in fns}
-    ratios = []  # per-round full/bare samples/s
+    ratios, per_round = [], []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         rates = {}
         for name, fn in fns:
             sync()
             t0 = time.perf_counter()
-            n = 0
+            calls = samples = 0
             while True:
-                fn()
-                n += 1
-                if n % check_every == 0:
+                k = fn()
+                samples += batch if k is None else int(k)
+                calls += 1
+                if calls % check_every == 0:
                     sync()
                     if time.perf_counter() - t0 >= window:
                         break
             dt = time.perf_counter() - t0
-            totals[name][0] += n
+            totals[name][0] += samples
             totals[name][1] += dt
-            rates[name] = n * batch / dt
-        ratios.append(rates[fns[0][0]] / rates[fns[1][0]])
-    return {"totals": totals, "ratios": ratios}
+            rates[name] = samples / dt
+        if len(fns) > 1:
+            ratios.append(rates[fns[0][0]] / rates[fns[1][0]])
+        per_round.append(rates)
+    return {"totals": totals, "ratios": ratios, "rates": per_round}
 
 
 def main(argv=None) -> int:
@@ -145,7 +150,7 @@ def main(argv=None) -> int:
         res = measure(fns, args.seconds, args.window, sync, args.batch_size, every)
 
     tot = res["totals"]
-    sps = {k: v[0] * args.batch_size / v[1] for k, v in tot.items()}
+    sps = {k: v[0] / v[1] for k, v in tot.items()}
     ratio = sps["full"] / sps["bare"]
     rs = sorted(res["ratios"])
     median = rs[len(rs) // 2]
@@ -162,8 +167,8 @@ def main(argv=None) -> int:
     print("| loop | steps | samples/s |")
     print("|---|---|---|")
     print("| full train_step (sampling + fwd/bwd + clip + AdamW + LR + EMA) | %d | %.0f |"
-          % (tot["full"][0], sps["full"]))
-    print("| bare (pre-built batch, fwd/bwd + AdamW) | %d | %.0f |" % (tot["bare"][0], sps["bare"]))
+          % (tot["full"][0] // args.batch_size, sps["full"]))
+    print("| bare (pre-built batch, fwd/bwd + AdamW) | %d | %.0f |" % (tot["bare"][0] // args.batch_size, sps["bare"]))
     print("\nratio full / bare = **%.3f** (median of the per-round ratios %.3f; goal >= 0.9)" % (ratio, median))
     return 0
 
