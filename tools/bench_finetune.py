@@ -11,6 +11,7 @@ sampler's own overhead. Windows alternate between the variants (A/B/A/B...) and 
 
     .venv/bin/python tools/bench_finetune.py sampling            # 2 threads, 7 windows, JSON to stdout
     .venv/bin/python tools/bench_finetune.py sampling --windows 5 --threads 2 --out result.json
+    .venv/bin/python tools/bench_finetune.py floor --threads 1    # what the 1-env floor is made of
 
 Variants per case: ``bare`` (the network calls only), ``sample`` (``sample(return_chain=True)``), and
 ``sample_logp`` (``sample(return_chain=True, return_log_prob=True)``: chain plus the old log-probs PPO needs,
@@ -23,6 +24,10 @@ import argparse
 import inspect
 import json
 import os
+
+# numpy's OpenBLAS spins up one thread per core for a 512x512 GEMV; the floor section compares single-threaded
+# BLAS calls (set before numpy is first imported, below by torch)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import statistics
 import sys
 import time
@@ -145,6 +150,36 @@ def bench_sampling(windows: int, min_time: float, envs: List[int]) -> Dict:
             "min_window_s": min_time, "torch": torch.__version__, "model": CAN, "results": results}
 
 
+def bench_floor(windows: int, min_time: float) -> Dict:
+    """Where the 1-env floor comes from: one network call of the Can-size model at batch 1 (DDPM case), and one
+    512x512 linear layer at batch 1 (the five hidden ones dominate the call), through torch (its BLAS, MKL in the
+    CPU wheels) beside numpy's BLAS (OpenBLAS in the numpy wheels, one thread) on the same weights. Alternated
+    windows, medians in microseconds."""
+    import numpy as np
+
+    model = build_can_model(CASES[0])
+    obs = {"state": torch.zeros(1, CAN["cond_steps"], CAN["obs_dim"])}
+    x = torch.randn(1, model.horizon_steps, model.action_dim, generator=torch.Generator().manual_seed(2))
+    t = model.schedule.timesteps[0].expand(1)
+    lin = torch.nn.Linear(512, 512)
+    v = torch.randn(1, 512, generator=torch.Generator().manual_seed(3))
+    w_np, b_np, v_np = lin.weight.detach().numpy(), lin.bias.detach().numpy(), v[0].numpy()
+    with torch.no_grad():
+        cond = model.obs_encoder(obs)
+        variants = {"network_call": lambda: model.network(x, t, cond), "torch_linear_512": lambda: lin(v),
+                    "numpy_gemv_512": lambda: w_np @ v_np + b_np}
+        times = {k: [] for k in variants}  # type: Dict[str, List[float]]
+        for _ in range(windows):
+            for k, fn in variants.items():
+                times[k].append(time_window(fn, min_time))
+    med = {k: round(statistics.median(v) * 1e6, 1) for k, v in times.items()}
+    hidden = sum(1 for m in model.network.modules() if isinstance(m, torch.nn.Linear) and m.in_features == 512
+                 and m.out_features == 512)
+    return {"section": "floor", "threads": torch.get_num_threads(), "windows": windows, "torch": torch.__version__,
+            "numpy": np.__version__, "us_median": med, "hidden_512x512_linears_per_call": hidden,
+            "torch_blas": "mkl" if torch.backends.mkl.is_available() else "other"}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="section", required=True)
@@ -154,9 +189,17 @@ def main(argv=None) -> int:
     p.add_argument("--min-time", type=float, default=0.3, help="seconds per timing window")
     p.add_argument("--envs", type=int, nargs="+", default=[50, 1])
     p.add_argument("--out", default=None, help="also write the JSON here")
+    f = sub.add_parser("floor", help="batch-1 network call and 512x512 linear: torch's BLAS vs numpy's")
+    f.add_argument("--threads", type=int, default=1)
+    f.add_argument("--windows", type=int, default=7)
+    f.add_argument("--min-time", type=float, default=0.3, help="seconds per timing window")
+    f.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = bench_sampling(args.windows, args.min_time, args.envs)
+    if args.section == "floor":
+        result = bench_floor(args.windows, args.min_time)
+    else:
+        result = bench_sampling(args.windows, args.min_time, args.envs)
     text = json.dumps(result, indent=1)
     if args.out:
         with open(args.out, "w") as f:
