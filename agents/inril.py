@@ -26,8 +26,9 @@ critic warm-up and target-KL stops are not RL steps):
    ``cair_gradient(g_IL, g_RL, lambda, cair.c)`` and lambda is updated from the cosine.
 2. ``after_rl_step``: the schedule counts the step; when an IL step is due, one IL step runs right away: IL
    gradient, separation against the reference (none / pcgrad / upgrad), the agent's gradient clip, and the
-   IL optimizer's step (its own AdamW over the same parameters, lr ``inril.il_lr`` or ``agent.actor_lr``: the
-   RL optimizer's moments stay those of the RL algorithm, and m=inf leaves RL untouched). Adaptive m is
+   IL optimizer's step (its own AdamW over the same parameters, lr ``inril.il_lr`` or ``agent.actor_lr``, warmed
+   up linearly over the first ``inril.il_lr_warmup`` IL steps: the RL optimizer's moments stay those of the RL
+   algorithm, and m=inf leaves RL untouched). Adaptive m is
    recomputed after every IL gradient.
 
 IL data (:func:`load_il_data`): the checkpoint's pretraining demos (meta ``dataset`` and ``data_split``; older
@@ -90,6 +91,9 @@ def validate_inril_config(cfg: Any) -> None:
         raise DpftError("inril.monitor_every=%s must be >= 0 (0 = monitor off)." % i.monitor_every)
     if i.il_lr is not None and not float(i.il_lr) > 0:
         raise DpftError("inril.il_lr=%s must be > 0 or null (= agent.actor_lr)." % i.il_lr)
+    if int(i.il_lr_warmup) < 0:
+        raise DpftError("inril.il_lr_warmup=%s must be >= 0 (IL steps of linear lr warm-up; 0 = none)."
+                        % i.il_lr_warmup)
     if not float(c.c) >= 0:
         raise DpftError("cair.c=%s must be >= 0 (CAGrad's ball radius; 0 = the plain convex combination)." % c.c)
     CairLambda(c.start, c.rate, c.monotone, c.mode, c.lam_min, c.lam_max)  # its own checks name cair.<key>
@@ -233,6 +237,7 @@ class InRIL:
         self.il_ema = GradientEMA(float(i.ema_beta))
         actor_lr = float(cfg.agent.actor_lr)
         self.il_lr = float(i.il_lr) if i.il_lr is not None else actor_lr
+        self.il_lr_warmup = int(i.il_lr_warmup)
         self.ctl = AdaptiveInterleave(int(i.m_init), int(i.m_min), int(i.m_max), lr_ratio=self.il_lr / actor_lr,
                                       c=float(i.adaptive_c)) if self.adaptive else None
         self.cair = CairLambda(c.start, c.rate, c.monotone, c.mode, c.lam_min, c.lam_max) if c.enabled else None
@@ -295,12 +300,22 @@ class InRIL:
         set_flat_grad(self.il_params, g.clone())
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.il_params, self.max_grad_norm)
+        lr = self.il_step_lr(self.schedule.il_steps + 1)
+        for group in self.il_opt.param_groups:
+            group["lr"] = lr
         self.il_opt.step()
         self.il_opt.zero_grad(set_to_none=True)
         self.schedule.record_il_step()
         self._s["il_loss"].append(loss)
         if self.ctl is not None:
             self._adapt()
+
+    def il_step_lr(self, k: int) -> float:
+        """Learning rate of the k-th IL step (k >= 1): ``il_lr * min(1, k / il_lr_warmup)``. It is computed from
+        the saved IL-step count, so a resumed run continues the warm-up where it stopped."""
+        if self.il_lr_warmup <= 0:
+            return self.il_lr
+        return self.il_lr * min(1.0, float(k) / self.il_lr_warmup)
 
     def _adapt(self) -> None:
         self.schedule.set_m(self.ctl.update(self.il_ema, self.rl_ema))

@@ -57,6 +57,19 @@ def test_schedule_counts_optimizer_steps_across_iterations(tmp_path, agent, diff
     assert recs[-1]["inril/m"] == 4.0
 
 
+def test_il_lr_warmup_ramps_the_il_steps_learning_rate(tmp_path, diffusion_run):
+    # m=1: 6 RL steps per iteration -> 12 IL steps in 2 iterations; warm-up over 4 IL steps: k/4 x il_lr, then il_lr
+    t = _finetuner(tmp_path / "ft", "agent=dppo", "checkpoint=%s" % diffusion_run, "inril.m=1", "inril.il_lr=2e-4",
+                   "inril.il_lr_warmup=4", "iterations=2", *FAST)
+    lrs = []
+    t.inril.il_opt.register_step_pre_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
+    rl_lrs = []
+    t.agent.actor_opt.register_step_pre_hook(lambda opt, *_: rl_lrs.append(opt.param_groups[0]["lr"]))
+    _run(t)
+    assert lrs == pytest.approx([0.5e-4, 1e-4, 1.5e-4] + [2e-4] * 9, rel=1e-12)
+    assert len(set(rl_lrs)) >= 1 and 2e-4 not in rl_lrs and 0.5e-4 not in rl_lrs  # the RL optimizer is untouched
+
+
 def test_m_inf_is_bit_identical_to_rl_only_and_monitor_logs(tmp_path, diffusion_run):
     base = ["agent=dppo", "checkpoint=%s" % diffusion_run, "iterations=2", *FAST[:3], "eval_every=1"]
     off = _finetuner(tmp_path / "off", *base, "inril.monitor_every=0")
@@ -142,7 +155,8 @@ def test_resume_is_exact_with_inril_and_cair(tmp_path, mode, diffusion_run):
     from dpft.agents.finetune import finetune
     from dpft.checkpoint import find_latest, read_tensors
 
-    extra = (["inril.m=adaptive", "inril.m_init=2", "inril.m_max=5", "inril.separation=upgrad", "inril.monitor_every=2"]
+    extra = (["inril.m=adaptive", "inril.m_init=2", "inril.m_max=5", "inril.separation=upgrad", "inril.monitor_every=2",
+              "inril.il_lr_warmup=3"]
              if mode != "cair" else ["cair=true", "cair.rate=0.05", "inril.m=3"])
     base = ["agent=dppo", "checkpoint=%s" % diffusion_run, "save_every=1", *FAST, *extra]
     finetune(_ft(tmp_path / "full", *base, "iterations=3"))
@@ -234,6 +248,7 @@ def test_il_data_is_windowed_and_normalized_as_in_pretraining(tmp_path, hopper_d
     (["inril.m=often"], "inril.m='often'"),
     (["inril.m_min=5", "inril.m_max=3"], "m_min <= m_init <= m_max"),
     (["inril.monitor_every=-1"], "inril.monitor_every=-1 must be >= 0"),
+    (["inril.il_lr_warmup=-2"], "inril.il_lr_warmup=-2 must be >= 0"),
     (["cair=true", "cair.rate=-1"], "cair.rate=-1"),
     (["cair.start=2"], "cair.start=2"),
     (["agent=residual_ppo", "inril.separation=network", "inril.m=adaptive"], "share no space: inril.m=adaptive"),
