@@ -7,7 +7,8 @@ Each positional argument is ``LABEL=RUN_DIR[,RUN_DIR...]`` (one run per seed). R
 ``metrics.jsonl`` that carry both keys are read; each seed's curve is linearly interpolated onto a common grid
 of ``x`` (up to the shortest run's last ``x``, so every point averages all seeds) and the mean and standard
 deviation (population, ``ddof=0``) over seeds are plotted as a line and a band. The final value of each seed
-is its last record; the table prints ``mean +- std (n=seeds)`` and the ``x`` each run reached.
+is its last record, or with ``--last N`` the mean of its last N records (for noisy per-iteration values such as
+``train/return``); the table prints ``mean +- std (n=seeds)``, the per-seed finals and the ``x`` each run reached.
 
 ``--reach LABEL`` adds a second table: for every group, the ``x`` at which its mean curve first reaches the
 last point of group ``LABEL``'s mean curve (interpolated between grid points; :func:`dpft.plotting.first_reach`) and its
@@ -57,23 +58,28 @@ def main(argv: List[str]) -> int:
     p.add_argument("--title", default="")
     p.add_argument("--hline", action="append", default=[], help="LABEL=VALUE horizontal reference line")
     p.add_argument("--reach", default=None, help="LABEL of the group whose final mean-curve value the others must reach")
+    p.add_argument("--last", type=int, default=1, help="final value of a seed = mean of its last N records")
     a = p.parse_args(argv)
+    if a.last < 1:
+        raise SystemExit("plot_seeds: --last %d must be >= 1." % a.last)
     groups = {}  # type: Dict[str, List[str]]
     for g in a.groups:
         if "=" not in g:
             raise SystemExit("plot_seeds: '%s' is not LABEL=RUN_DIR[,RUN_DIR...]." % g)
         label, dirs = g.split("=", 1)
         groups[label] = [d for d in dirs.split(",") if d]
-    print("| method | seeds | final %s (mean +- std) | %s reached |" % (a.y, a.x))
-    print("|---|---|---|---|")
+    what = "final %s" % a.y if a.last == 1 else "%s, mean of the last %d records" % (a.y, a.last)
+    print("| method | seeds | %s (mean +- std) | per seed | %s reached |" % (what, a.x))
+    print("|---|---|---|---|---|")
     if a.reach is not None and a.reach not in groups:
         raise SystemExit("plot_seeds: --reach %s is not one of the groups %s." % (a.reach, list(groups)))
     bands = {}
     for label, dirs in groups.items():
         curves = [read_curve(d, a.x, a.y) for d in dirs]
-        finals = np.array([c[1][-1] for c in curves])
+        finals = np.array([float(np.mean(c[1][-a.last:])) for c in curves])
         reached = sorted(int(c[0][-1]) for c in curves)
-        print("| %s | %d | %.3f +- %.3f | %s |" % (label, len(dirs), finals.mean(), finals.std(), reached))
+        print("| %s | %d | %.3f +- %.3f | %s | %s |" % (label, len(dirs), finals.mean(), finals.std(),
+                                                      ", ".join("%.1f" % f for f in finals), reached))
         bands[label] = seed_band(curves)
     if a.reach is not None:
         target = float(bands[a.reach][1][-1])  # its mean curve's last point (= the mean of finals when seeds end together)
