@@ -227,12 +227,16 @@ class Finetuner:
         meta = dict(ckpt.meta)
         have = meta.get("policy_type", "diffusion")
         if have != ptype:
-            want = [k for k, v in AGENTS.items() if v[2] == have]
-            raise DpftError("agent=%s fine-tunes a %s policy, but checkpoint '%s' holds a %s policy (%s); use "
-                            "agent=%s." % (a.name, ptype, ckpt.dir, have, meta.get("policy"), " or agent=".join(want)))
+            want = [k for k, v in AGENTS.items() if v[2] == have
+                    and not (k == "residual_ppo" and meta.get("ft_denoising_steps"))]  # its base must be pretrained
+            hint = ("use agent=%s" % " or agent=".join(want)) if want else (
+                "no agent fine-tunes a %s checkpoint further; pass the pretrained checkpoint it started from%s"
+                % (have, (" (%s)" % meta["source_checkpoint"]) if meta.get("source_checkpoint") else ""))
+            raise DpftError("agent=%s fine-tunes a %s policy, but checkpoint '%s' holds a %s policy (%s); %s."
+                            % (a.name, ptype, ckpt.dir, have, meta.get("policy"), hint))
         spec = _policy_spec_of(ckpt)
         if ptype == "diffusion":
-            for key in ("min_sampling_denoising_std", "min_logprob_denoising_std", "randn_clip_value"):
+            for key in ("min_sampling_denoising_std", "min_logprob_denoising_std", "randn_clip_value", "ddim_eta"):
                 spec[key] = float(getattr(a, key))
             if a.use_ddim is not None and bool(a.use_ddim) != bool(spec.get("use_ddim")):
                 spec["use_ddim"] = bool(a.use_ddim)
@@ -415,6 +419,11 @@ class Finetuner:
             print("dpft finetune: warning: the checkpoint was written by %d process(es) and this run has %d; the "
                   "resume is not bit-exact (the ranks' sampling streams change)." % (saved_world, self.dist.world_size),
                   file=sys.stderr)
+        if self.rank0 and not self.cfg.reset_at_iteration:
+            import sys
+
+            print("dpft finetune: warning: reset_at_iteration=false: the envs' mid-episode states are not in the "
+                  "checkpoint, so the resumed run restarts them from fresh seeds and is not bit-exact.", file=sys.stderr)
         if self.rank0:
             print("dpft finetune: resumed from %s (iteration %d, %d env steps)" % (latest, self.iteration,
                                                                                self.env_steps))

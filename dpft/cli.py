@@ -8,7 +8,7 @@ Commands (options are Hydra-style ``key=value`` overrides of ``cfg/<command>.yam
   dpft pretrain dataset=FILE.hdf5 out=RUN_DIR    behaviour cloning of a diffusion or Gaussian policy
   dpft finetune agent=dppo checkpoint=RUN_DIR out=FT_DIR   RL fine-tuning (dppo | ppo | residual_ppo | idql)
   dpft rollout checkpoint=RUN_DIR episodes=20    run a checkpoint, score it, write videos
-  dpft quickstart                                demos -> pretrain -> rollout on Lift in one go
+  dpft quickstart                                demos -> pretrain -> rollout -> DPPO -> rollout on Lift
   dpft info                                      versions and rendering backend (paste into bug reports)
 
 Every command has ``--help``; ``--show-config`` prints the composed config and exits. Errors in user

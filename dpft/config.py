@@ -141,7 +141,7 @@ class PretrainConfig:
             raise DpftError(
                 f"policy.ft_denoising_steps={self.policy.ft_denoising_steps}: pretraining trains the base denoiser, "
                 "and a fine-tuned copy of the last K' steps would freeze it. Pretrain with "
-                "policy.ft_denoising_steps=0 and set K' when fine-tuning (dpft finetune ... ft_denoising_steps=K')."
+                "policy.ft_denoising_steps=0 and set K' when fine-tuning (dpft finetune ... agent.ft_denoising_steps=K')."
             )
         for name in ("horizon_steps", "cond_steps", "act_steps", "steps", "batch_size", "save_every", "log_every"):
             if getattr(self, name) < 1:

@@ -74,7 +74,9 @@ def _json_default(obj: Any) -> Any:
 
 
 def _finite_or_none(x: Any) -> Optional[float]:
-    """A float for JSON, or None when a simulator fault made it NaN/Inf (JSON has no NaN)."""
+    """A float for JSON, or None when it is missing or a simulator fault made it NaN/Inf (JSON has no NaN)."""
+    if x is None:
+        return None
     x = float(x)
     return x if math.isfinite(x) else None
 
@@ -91,10 +93,6 @@ def _atomic_write_json(path: str, obj: Any) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _finite_or_none(x: float) -> Optional[float]:
-    return float(x) if x is not None and math.isfinite(x) else None
 
 
 class _Timer:

@@ -3,6 +3,8 @@ recomputed ones, deterministic (eta 0) evaluation, ft_denoising_steps checked ag
 checkpoint switched to DDIM by agent.use_ddim, and the update never runs the frozen base network."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +51,52 @@ def test_ddim_chains_logprobs_and_deterministic_eval(tmp_path, ddim_run):
     with pytest.raises(DpftError, match=r"ft_denoising_steps=5 must be between 1 and the policy's 4 sampling steps "
                                         r"\(ddim_steps\)"):
         _finetuner(tmp_path / "bad", "agent=dppo", "checkpoint=%s" % ddim_run, "agent.ft_denoising_steps=5")
+
+
+def _copy_with_meta(run, dst, **changes):
+    """A copy of pretraining run ``run`` whose latest checkpoint's meta.json has ``changes`` applied (meta.json
+    is not under the checksums)."""
+    import json
+    import shutil
+
+    from dpft.checkpoint import find_latest
+
+    shutil.copytree(str(run), str(dst))
+    path = os.path.join(find_latest(str(dst)), "meta.json")
+    meta = json.load(open(path))
+    for key, value in changes.items():
+        if key == "ddim_eta":
+            meta["policy_spec"]["ddim_eta"] = value
+        else:
+            meta[key] = value
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    return str(dst)
+
+
+def test_ddim_eta_is_the_agents_whatever_the_checkpoint_was_pretrained_with(tmp_path, ddim_run):
+    run = _copy_with_meta(ddim_run, tmp_path / "eta_run", ddim_eta=0.25)
+    for extra, eta in (([], 1.0), (["agent.ddim_eta=0.5"], 0.5)):
+        t = _finetuner(tmp_path / ("r%s" % eta), "agent=dppo", "checkpoint=%s" % run, "agent.ft_denoising_steps=4",
+                       *extra)
+        try:
+            assert t.model.use_ddim and t.model.ddim_eta == eta
+        finally:
+            t.close()
+    with pytest.raises(DpftError, match=r"agent.ddim_eta=0.0 must be in \(0, 1\]"):
+        _finetuner(tmp_path / "bad", "agent=dppo", "checkpoint=%s" % run, "agent.ddim_eta=0.0")
+
+
+def test_wrong_kind_hint_names_a_usable_agent_or_the_source(tmp_path, diffusion_run):
+    run = _copy_with_meta(diffusion_run, tmp_path / "res_run", policy_type="residual",
+                          source_checkpoint="/runs/pretrained")
+    with pytest.raises(DpftError, match=r"holds a residual policy .*no agent fine-tunes a residual checkpoint further; "
+                                        r"pass the pretrained checkpoint it started from \(/runs/pretrained\)\."):
+        _finetuner(tmp_path / "a", "agent=dppo", "checkpoint=%s" % run)
+    ft = _copy_with_meta(diffusion_run, tmp_path / "ft_run", ft_denoising_steps=3)  # a DPPO fine-tuned checkpoint
+    with pytest.raises(DpftError) as e:
+        _finetuner(tmp_path / "b", "agent=ppo", "checkpoint=%s" % ft)
+    assert "use agent=dppo or agent=idql." in str(e.value) and "residual_ppo" not in str(e.value)
 
 
 def test_ddpm_checkpoint_finetuned_with_ddim_rolls_out_as_ddim(tmp_path, diffusion_run):

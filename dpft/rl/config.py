@@ -63,6 +63,8 @@ class AgentConfig:
     randn_clip_value: float = _f(3.0, "DPPO: clip of the per-step Gaussian noise")
     use_ddim: Optional[bool] = _f(None, "sample with DDIM (None = as pretrained)")
     ddim_steps: Optional[int] = _f(None, "DDIM steps when use_ddim (None = as pretrained)")
+    ddim_eta: float = _f(1.0, "DDIM: eta of the stochastic sampler while training, whatever the checkpoint was "
+                         "pretrained with (DPPO: 1); evaluation is deterministic (eta 0)")
     # Gaussian (PPO)
     logprob_reduction: str = _f("mean", "PPO: mean (DPPO) | sum (CleanRL) of the chunk's per-element log-probs")
     init_std: Optional[float] = _f(None, "PPO: reset the policy std to this at the start (None = keep the checkpoint's)")
@@ -233,6 +235,9 @@ class FinetuneConfig:
                 raise DpftError("%s=%s must be > 0 or null (off)." % (key, value))
         if int(a.ft_denoising_steps) < 0:
             raise DpftError("agent.ft_denoising_steps=%s must be >= 1 (or 0 = every sampling step)." % a.ft_denoising_steps)
+        if not 0.0 < float(a.ddim_eta) <= 1.0:
+            raise DpftError("agent.ddim_eta=%s must be in (0, 1]: PPO needs a stochastic DDIM sampler (DPPO: 1)."
+                            % a.ddim_eta)
         if a.name == "idql":
             from dpft.rl.idql import settings_from_agent_config
 
