@@ -116,10 +116,10 @@ def test_plot_seeds_tool_writes_bands(tmp_path, capsys):
     out = str(tmp_path / "p.png")
     assert mod.main(["A=%s,%s" % (tmp_path / "r0", tmp_path / "r1"), "--out", out, "--hline", "ref=5"]) == 0
     assert os.path.isfile(out)
-    assert "| A | 2 | 20.500 +- 0.500 | 20.0, 21.0 | [20, 20] |" in capsys.readouterr().out
+    assert "| A | 2 | 20.500 +- 0.500 | 20.000, 21.000 | [20, 20] |" in capsys.readouterr().out
     # --last 2: each seed's mean of its last two records: (10 + 20) / 2 + s
     assert mod.main(["A=%s,%s" % (tmp_path / "r0", tmp_path / "r1"), "--last", "2"]) == 0
     out = capsys.readouterr().out
-    assert "eval/return, mean of the last 2 records" in out and "| A | 2 | 15.500 +- 0.500 | 15.0, 16.0 | [20, 20] |" in out
+    assert "eval/return, mean of the last 2 records" in out and "| A | 2 | 15.500 +- 0.500 | 15.000, 16.000 | [20, 20] |" in out
     with pytest.raises(SystemExit, match="--last 0 must be >= 1"):
         mod.main(["A=%s" % (tmp_path / "r0"), "--last", "0"])

@@ -79,7 +79,7 @@ def main(argv: List[str]) -> int:
         finals = np.array([float(np.mean(c[1][-a.last:])) for c in curves])
         reached = sorted(int(c[0][-1]) for c in curves)
         print("| %s | %d | %.3f +- %.3f | %s | %s |" % (label, len(dirs), finals.mean(), finals.std(),
-                                                      ", ".join("%.1f" % f for f in finals), reached))
+                                                      ", ".join("%.3f" % f for f in finals), reached))
         bands[label] = seed_band(curves)
     if a.reach is not None:
         target = float(bands[a.reach][1][-1])  # its mean curve's last point (= the mean of finals when seeds end together)
