@@ -115,9 +115,9 @@ class InrilConfig:
     dataset: Optional[str] = _f(None, "IL demos (robomimic HDF5; None = the checkpoint's pretraining dataset)")
     batch_size: int = _f(256, "IL batch size (demo windows)")
     il_lr: Optional[float] = _f(None, "learning rate of the IL steps' own AdamW (None = agent.actor_lr)")
-    il_lr_warmup: int = _f(0, "IL steps of linear learning-rate warm-up: IL step k (from 1) uses il_lr * min(1, "
+    il_lr_warmup: int = _f(10, "IL steps of linear learning-rate warm-up: IL step k (from 1) uses il_lr * min(1, "
                            "k / il_lr_warmup); 0 = none. A fresh AdamW's first steps are ~lr x sign(g) on every "
-                           "parameter")
+                           "parameter (BENCHMARKS.md: without it the first IL steps raise the held-out IL loss)")
     monitor_every: int = _f(10, "alignment monitor: IL gradient (not applied) vs the RL gradient every this many RL "
                             "updates (0 = off)")
     heldout_max_windows: int = _f(2048, "held-out IL loss at each evaluation: at most this many held-out windows")
