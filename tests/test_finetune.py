@@ -250,9 +250,15 @@ def test_ppo_from_scratch_learns_hopper(tmp_path):
 
 
 @pytest.mark.robosuite
-def test_dppo_on_robosuite_lift_resumes_exactly_and_rolls_out(rs, tmp_path):
-    """A tiny Lift diffusion checkpoint (synthetic Lift-shaped data): DPPO in robosuite worker processes, resumed
-    after its first iteration, ends with the same weights as an uninterrupted run; the result rolls out."""
+def test_dppo_on_robosuite_lift_resumes_exactly_after_kill_9_and_rolls_out(rs, tmp_path):
+    """A tiny Lift diffusion checkpoint (synthetic Lift-shaped data): DPPO in robosuite worker processes, run by
+    ``dpft finetune`` in a subprocess killed with SIGKILL once its second checkpoint exists, then resumed with
+    resume=true, ends with the same weights as an uninterrupted run; the result rolls out."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
     from dpft.agents.finetune import finetune
     from dpft.cli import main
     from tests.synth import write_robomimic_hdf5
@@ -262,14 +268,31 @@ def test_dppo_on_robosuite_lift_resumes_exactly_and_rolls_out(rs, tmp_path):
     run = _pretrain(data, tmp_path / "run", "policy.mlp_dims=[16,16,16]", "policy.denoising_steps=4",
                     "horizon_steps=2", "act_steps=2", "obs_keys=[robot0_eef_pos,object]")
     base = ["agent=dppo", "checkpoint=%s" % run, "agent.ft_denoising_steps=2", "envs=2", "n_steps=3",
-            "max_episode_steps=10", "eval_every=0", "eval_episodes=1", "save_every=1"]
-    finetune(_ft(tmp_path / "full", *(base + ["iterations=2"])))
-    finetune(_ft(tmp_path / "part", *(base + ["iterations=1"])))
-    finetune(_ft(tmp_path / "part", *(base + ["iterations=2", "resume=true"])))
-    a, _ = _weights(tmp_path / "full")
-    b, _ = _weights(tmp_path / "part")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+            "max_episode_steps=10", "eval_every=0", "eval_episodes=1", "save_every=1", "iterations=4",
+            "num_threads=1"]
+    killed = tmp_path / "killed"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "dpft", "finetune", "out=%s" % killed] + TINY_FT + base
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo)
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not os.path.isdir(killed / "checkpoints" / "step_00000002"):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -9
+    finetune(_ft(killed, *(base + ["resume=true"])))
+    finetune(_ft(tmp_path / "full", *base))
+    a, ca = _weights(tmp_path / "full")
+    b, cb = _weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(ca[k], cb[k]) for k in ca)
     rec = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
-    assert rec[-1]["env_steps"] == 2 * 2 * 3 * 2  # iterations x envs x chunks x act_steps (no episode ended early)
+    assert rec[-1]["env_steps"] == 4 * 2 * 3 * 2  # iterations x envs x chunks x act_steps (no episode ended early)
+    assert [r["env_steps"] for r in map(json.loads, open(killed / "metrics.jsonl"))] == [r["env_steps"] for r in rec]
     assert main(["rollout", "checkpoint=%s" % (tmp_path / "full"), "episodes=1", "envs=1", "max_episode_steps=6",
                  "progress=false", "out=%s" % (tmp_path / "ev")]) == 0
