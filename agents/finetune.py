@@ -156,7 +156,10 @@ class Finetuner:
             torch.set_num_threads(int(c.num_threads))
         if c.checkpoint and not os.path.exists(str(c.checkpoint)):
             raise DpftError("checkpoint='%s' does not exist; pass a pretrained run directory (its newest checkpoint "
-                            "is used) or a checkpoint directory." % c.checkpoint)
+                            "is used) or a checkpoint directory.%s" % (c.checkpoint, (
+                                " resume=true rebuilds the policy from the checkpoint the run started from and then "
+                                "restores the run's own weights and training state, so that checkpoint must still "
+                                "exist (the run's meta.json names it as source_checkpoint)." if c.resume else "")))
         self.run_dir = (open_run_dir(c.out, kind="finetune", resume=c.resume, overwrite=c.overwrite)
                         if self.rank0 else None)  # (H-ddp) rank 0 owns the run directory
         self.out = self.run_dir.path if self.run_dir is not None else os.path.abspath(os.path.expanduser(str(c.out)))

@@ -95,6 +95,9 @@ def test_wrong_checkpoint_kind_and_ft_steps_range(tmp_path, diffusion_run, gauss
         _finetuner(tmp_path / "c", "agent=dppo", "checkpoint=%s" % diffusion_run, "agent.ft_denoising_steps=9")
     with pytest.raises(DpftError, match="does not exist"):
         _finetuner(tmp_path / "d", "agent=dppo", "checkpoint=%s" % (tmp_path / "nope"))
+    with pytest.raises(DpftError, match="does not exist.*resume=true rebuilds the policy from the checkpoint the run "
+                                        "started from.*source_checkpoint"):
+        _finetuner(tmp_path / "d", "agent=dppo", "checkpoint=%s" % (tmp_path / "nope"), "resume=true")
 
 
 def test_cli_help_lists_options(capsys):
