@@ -69,6 +69,29 @@ def _finetuner(out, *args):
     return Finetuner(_ft(out, *args))
 
 
+def _kill_9_after_checkpoint(out, args, step=2, timeout=300.0):
+    """Run ``dpft finetune out=OUT`` (the tiny settings plus ``args``) in a subprocess and SIGKILL it as soon as
+    its checkpoint ``step`` exists (raising with its stderr if it ends first)."""
+    import subprocess
+    import sys
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "dpft", "finetune", "out=%s" % out] + TINY_FT + list(args)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo)
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + timeout
+        while not os.path.isdir(os.path.join(str(out), "checkpoints", "step_%08d" % step)):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.01)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert proc.returncode == -9
+
+
 # ---------------------------------------------------------------------------------------------- config errors
 @pytest.mark.parametrize("args,needle", [
     (["checkpoint=a", "env=hopper"], "either checkpoint= or env="),
@@ -257,11 +280,6 @@ def test_dppo_on_robosuite_lift_resumes_exactly_after_kill_9_and_rolls_out(rs, t
     """A tiny Lift diffusion checkpoint (synthetic Lift-shaped data): DPPO in robosuite worker processes, run by
     ``dpft finetune`` in a subprocess killed with SIGKILL once its second checkpoint exists, then resumed with
     resume=true, ends with the same weights as an uninterrupted run; the result rolls out."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from dpft.agents.finetune import finetune
     from dpft.cli import main
     from tests.synth import write_robomimic_hdf5
@@ -274,20 +292,7 @@ def test_dppo_on_robosuite_lift_resumes_exactly_after_kill_9_and_rolls_out(rs, t
             "max_episode_steps=10", "eval_every=0", "eval_episodes=1", "save_every=1", "iterations=4",
             "num_threads=1"]
     killed = tmp_path / "killed"
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "dpft", "finetune", "out=%s" % killed] + TINY_FT + base
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo)
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 300
-        while not os.path.isdir(killed / "checkpoints" / "step_00000002"):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -9
+    _kill_9_after_checkpoint(killed, base)
     finetune(_ft(killed, *(base + ["resume=true"])))
     finetune(_ft(tmp_path / "full", *base))
     a, ca = _weights(tmp_path / "full")

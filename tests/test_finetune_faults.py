@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,9 +14,8 @@ import torch
 
 from dpft.envs.base import Env
 from dpft.errors import DpftError
-from tests.test_finetune import _ft, _finetuner, _weights, diffusion_run, gaussian_run, hopper_data  # noqa: F401
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.test_finetune import (  # noqa: F401
+    _finetuner, _ft, _kill_9_after_checkpoint, _weights, diffusion_run, gaussian_run, hopper_data)
 
 
 class _NonFiniteAt(Env):
@@ -126,31 +123,12 @@ def test_resume_after_kill_9_gives_the_same_weights(tmp_path, gaussian_run):
     args = ["agent=ppo", "checkpoint=%s" % gaussian_run, "iterations=10", "save_every=1", "eval_every=0",
             "num_threads=1"]
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "dpft", "finetune", "out=%s" % killed] + list(_ft_args()) + args
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while not os.path.isdir(killed / "checkpoints" / "step_00000002"):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline
-            time.sleep(0.01)
-        proc.kill()
-    finally:
-        proc.wait()
-    assert proc.returncode == -9
+    _kill_9_after_checkpoint(killed, args, timeout=120)
     finetune(_ft(killed, *(args + ["resume=true"])))
     finetune(_ft(tmp_path / "full", *args))
     (a, ca), (b, cb) = _weights(tmp_path / "full"), _weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(ca[k], cb[k]) for k in ca)
-
-
-def _ft_args():
-    """The tiny settings of tests/test_finetune.py, as the CLI gets them."""
-    from tests.test_finetune import TINY_FT
-
-    return TINY_FT
 
 
 def test_resume_needs_a_run_of_the_same_agent(tmp_path, diffusion_run):
