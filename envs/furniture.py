@@ -16,7 +16,11 @@ by default, or ``"fake"`` for :class:`dpft.envs.furniture_fake.FakeFurnitureRLSi
 **Install** (not possible on Python > 3.8 or from PyPI): a Python 3.8 environment; Isaac Gym Preview 4,
 downloaded from NVIDIA (developer account) and installed with ``pip install -e isaacgym/python``; ankile's
 fork of furniture-bench (``git clone https://github.com/ankile/furniture-bench && pip install -e
-furniture-bench``; clvrai's original lacks ``furniture_rl_sim_env``); ``numpy<1.24``; an NVIDIA GPU.
+furniture-bench``; clvrai's original lacks ``furniture_rl_sim_env``); ``pip install ipdb==0.13.13`` (the fork
+imports ``ipdb`` at module level in its RL env, controllers, furniture and robot-state modules but does not list
+it; DPPO and ResiP install this version); an NVIDIA GPU. ``numpy<1.24`` is needed only by code that imports
+``isaacgym.torch_utils`` (Isaac Gym Preview 4 uses ``np.float`` there, removed in numpy 1.24); the fork does not
+import it and ResiP runs numpy 1.24.4, so dpft does not require it (``tools/furniture_check.py`` reports both).
 
 **What the env does** (``FurnitureRLSimEnv`` constructed as DPPO and ResiP do): state observations,
 ``act_rot_repr="rot_6d"``, ``action_type="pos"``, ``ctrl_mode="diffik"``, 10 Hz.
@@ -29,8 +33,8 @@ furniture-bench``; clvrai's original lacks ``furniture_rl_sim_env``); ``numpy<1.
   ``return_torch=True`` (then torch tensors on the simulator's device; no GPU->CPU copy).
 * Action ``(N, act_steps, 10)``: absolute end-effector pose in the robot base frame ``[x, y, z, rot6d,
   gripper]`` (gripper < 0 opens, > 0 closes); the simulator clips every entry to [-1, 1].
-* Reward: the fork's sparse reward (1.0 on a step where a required part pair first becomes assembled; the
-  fork gives at most 1 per step) summed over the executed steps of the chunk; ``sparse_reward=False``
+* Reward: the fork's sparse reward (1.0 on a step where one or more required part pairs first become
+  assembled: at most 1.0 per step, two pairs assembled in the same step give 1.0) summed over the executed steps of the chunk; ``sparse_reward=False``
   gives DPPO's dense variant (each step earns the number of pairs assembled so far in the episode).
 * ``success``: every pair assembled (the fork's ``done``). Episodes end at ``max_episode_steps``
   (truncation; per-task defaults in :data:`TASKS`), and also at success when ``terminate_on_success``.
@@ -38,9 +42,19 @@ furniture-bench``; clvrai's original lacks ``furniture_rl_sim_env``); ``numpy<1.
 * Auto-reset: envs whose episode ended are reset after the chunk through the fork's partial reset
   ``reset(env_idxs)``; ``final_obs`` keeps their last history. An episode that ends inside a chunk
   ignores the remaining actions of that chunk (they are executed by the batched simulator but neither
-  their reward nor their observations count). Caveat (fork behaviour): a partial reset calls ``refresh()``,
-  which advances *every* env by one physics substep (``lamp``: eleven, and the bulb hold is re-armed for
-  all envs); the observation returned for running envs is their state after that.
+  their reward nor their observations count). ``truncate_at_chunk_end=True`` checks the time limit only after
+  the chunk, as DPPO's furniture wrapper does (``env_steps >= max_env_steps`` after the chunk), so every
+  step of the last chunk runs and is rewarded: one_leg's 700-step limit then ends episodes at 704 steps with
+  ``act_steps=8``. Caveat (fork behaviour): a partial reset calls ``refresh()``, one ``simulate()`` call of
+  1/60 s (2 PhysX substeps; an env step is 6 such calls), on *every* env (``lamp``: eleven calls, and the
+  bulb hold is re-armed for all envs); the observation returned for running envs is their state after that,
+  and it replaces the newest entry of their history.
+* ``record=True``: every partial reset restarts the fork's video recording (``reset`` calls
+  ``recorder.restart_recording()``), so with auto-reset a video holds only the time since the last reset of
+  any env.
+* ``max_env_steps`` (the fork's constructor argument; None = ``max_episode_steps``, as DPPO passes it)
+  matters only for ``lamp``: the fork holds every bulb at rest until some env passes ``max_env_steps / 2``
+  steps, then releases all of them. ResiP passes 100,000,000 (bulbs are held for the whole episode).
 * NaN/Inf observations (an Isaac Gym fault; DPPO's README lists it as unhandled): detected per env after
   every inner step; that episode ends as truncated and unsuccessful, its reward from that step on is
   dropped, its history keeps the last finite observation, and it is reset (``info["nan_resets"]`` and
@@ -64,6 +78,7 @@ except (ImportError, OSError):  # not installed, wrong Python, or torch already 
     pass  # import_isaacgym_first() retries and explains
 # -------------------------------------------------------------------------------------------------------
 
+import re  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -169,8 +184,9 @@ def isaacgym_install_message(cause: Optional[BaseException] = None) -> str:
         "Python %s): download Isaac Gym Preview 4 from NVIDIA (https://developer.nvidia.com/isaac-gym), "
         "run `pip install -e isaacgym/python`, then install ankile's furniture-bench fork with "
         "`git clone %s && pip install -e furniture-bench` (clvrai's original lacks furniture_rl_sim_env), "
-        "keep numpy<1.24, and if libpython3.8.so is not found set LD_LIBRARY_PATH to your environment's lib "
-        "directory. To dry-run configs without a simulator use dpft.envs.furniture_fake.FakeFurnitureRLSimEnv."
+        "then `pip install ipdb==0.13.13` (the fork imports ipdb at module level but does not install it), "
+        "and if libpython3.8.so is not found set LD_LIBRARY_PATH to your environment's lib directory. "
+        "`python tools/furniture_check.py` then checks the installation on the GPU. To dry-run configs without a simulator use dpft.envs.furniture_fake.FakeFurnitureRLSimEnv."
         % (reason, py, _FORK_URL)
     )
 
@@ -194,6 +210,15 @@ def _load_fork_env_class() -> Any:
     try:
         from furniture_bench.envs.furniture_rl_sim_env import FurnitureRLSimEnv
     except ImportError as exc:
+        missing = _missing_dependency(exc)
+        if missing is not None:
+            hint = _MISSING_HINTS.get(missing, "pip install %s" % missing)
+            raise DpftError(
+                "Isaac Gym loads, but importing ankile's furniture-bench fork (furniture_bench.envs."
+                "furniture_rl_sim_env) failed because the module %r is missing (%s: %s): the fork imports it but "
+                "does not install it. Install it with `%s` in this environment, then retry."
+                % (missing, type(exc).__name__, exc, hint)
+            ) from None
         raise DpftError(
             "Isaac Gym loads, but furniture_bench.envs.furniture_rl_sim_env.FurnitureRLSimEnv could not be "
             "imported (%s: %s). Install ankile's fork of furniture-bench (`git clone %s && pip install -e "
@@ -201,6 +226,25 @@ def _load_fork_env_class() -> Any:
             "#28)." % (type(exc).__name__, exc, _FORK_URL)
         ) from None
     return FurnitureRLSimEnv
+
+
+# modules the fork imports without listing them in its setup.py, and how DPPO / ResiP install them
+_MISSING_HINTS = {"ipdb": "pip install ipdb==0.13.13"}
+
+
+def _missing_dependency(exc: BaseException) -> Optional[str]:
+    """The top-level module a ``ModuleNotFoundError`` names when it is not the fork itself (None otherwise)."""
+    if not isinstance(exc, ModuleNotFoundError):
+        return None
+    name = getattr(exc, "name", None)
+    if not name:  # raised by hand (``ModuleNotFoundError('ipdb')``) or by a loader that sets no name
+        text = str(exc)
+        quoted = re.search(r"No module named '([^']+)'", text)
+        name = quoted.group(1) if quoted else text.strip().strip("'\"")
+    top = name.split(".")[0] if name else ""
+    if not top or top == "furniture_bench" or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", top):
+        return None
+    return top
 
 
 def _resolve_task(task: str) -> TaskSpec:
@@ -258,6 +302,8 @@ def make_furniture_env(
     return_torch: bool = False,
     max_nan_reset_attempts: int = 3,
     env_cls: Any = None,
+    max_env_steps: Optional[int] = None,
+    truncate_at_chunk_end: bool = False,
 ) -> "FurnitureEnv":
     """Build ankile's ``FurnitureRLSimEnv`` (or ``env_cls``, e.g. the fake) and wrap it as a BatchedEnv.
 
@@ -278,6 +324,9 @@ def make_furniture_env(
         return_torch: return torch tensors on the simulator's device instead of numpy arrays.
         max_nan_reset_attempts: resets tried on an env whose reset still yields NaN before zero-filling.
         env_cls: class to construct instead of the fork's ``FurnitureRLSimEnv`` (same constructor).
+        max_env_steps: the fork's ``max_env_steps`` (lamp only: bulbs are held at rest until an env passes half of
+            it); None = ``max_episode_steps`` (DPPO); ResiP passes 100,000,000.
+        truncate_at_chunk_end: check the time limit after the chunk (DPPO's wrapper) instead of at the exact step.
 
     Returns:
         :class:`FurnitureEnv`; call ``reset()`` before ``step()``.
@@ -297,6 +346,9 @@ def make_furniture_env(
     _check_positive_int("act_steps", act_steps)
     _check_positive_int("cond_steps", cond_steps)
     _check_positive_int("max_episode_steps", max_episode_steps)
+    if max_env_steps is None:
+        max_env_steps = max_episode_steps
+    _check_positive_int("max_env_steps", max_env_steps)
     dev = torch.device(device)
     if env_cls is None:
         if dev.type != "cuda":
@@ -310,7 +362,8 @@ def make_furniture_env(
     # names read from **kwargs). DPPO also passes gpu_id= and observation_space=, which the fork silently
     # swallows through **kwargs; they are omitted here (compute_device_id / obs_keys do those jobs).
     # max_env_steps only matters to the fork for lamp (bulbs are held at rest for the first half of
-    # max_env_steps), so it gets the episode length as in DPPO; episode ends are decided by FurnitureEnv.
+    # max_env_steps): the episode length by default as in DPPO, or ResiP's 1e8; episode ends are decided by
+    # FurnitureEnv.
     sim_env = env_cls(
         furniture=task,
         num_envs=num_envs,
@@ -330,7 +383,7 @@ def make_furniture_env(
         high_random_idx=0,
         save_camera_input=False,
         record=record,
-        max_env_steps=max_episode_steps,
+        max_env_steps=int(max_env_steps),
         act_rot_repr="rot_6d",
         action_type="pos",
         ctrl_mode="diffik",
@@ -354,6 +407,7 @@ def make_furniture_env(
         return_torch=return_torch,
         max_nan_reset_attempts=max_nan_reset_attempts,
         env_args={"randomness": randomness},
+        truncate_at_chunk_end=truncate_at_chunk_end,
     )
 
 
@@ -377,7 +431,8 @@ def furniture_env_from_args(
 
     ``env_args["env_kwargs"]`` gives ``furniture`` (task, default ``one_leg``), ``randomness`` (default ``low``),
     ``max_episode_steps`` (the converter records the task default; ``max_episode_steps=`` here wins),
-    optionally ``sparse_reward`` and ``sample_perturbations``, and ``simulator``: ``"isaacgym"`` (the default:
+    optionally ``sparse_reward``, ``sample_perturbations``, ``max_env_steps`` (the fork's lamp bulb hold; None =
+    the episode length) and ``truncate_at_chunk_end`` (DPPO's time-limit check after the chunk), and ``simulator``: ``"isaacgym"`` (the default:
     ankile's ``FurnitureRLSimEnv`` on the GPU ``device``, ``"cuda"`` when ``device`` is not a CUDA device) or
     ``"fake"`` (:class:`dpft.envs.furniture_fake.FakeFurnitureRLSimEnv` on the CPU, for dry runs and tests).
     ``act_rot_repr`` / ``action_type`` / ``ctrl_mode``, when recorded, must be the values this backend uses.
@@ -405,7 +460,9 @@ def furniture_env_from_args(
                    num_envs=int(num_envs), act_steps=int(act_steps), cond_steps=int(cond_steps),
                    max_episode_steps=max_episode_steps, terminate_on_success=bool(terminate_on_success),
                    sparse_reward=bool(kw.get("sparse_reward", True)),
-                   sample_perturbations=bool(kw.get("sample_perturbations", False)), return_torch=bool(return_torch))
+                   sample_perturbations=bool(kw.get("sample_perturbations", False)), return_torch=bool(return_torch),
+                   max_env_steps=None if kw.get("max_env_steps") is None else int(kw["max_env_steps"]),
+                   truncate_at_chunk_end=bool(kw.get("truncate_at_chunk_end", False)))
     if sim.lower() == "fake":
         from dpft.envs.furniture_fake import FakeFurnitureRLSimEnv
 
@@ -447,6 +504,7 @@ class FurnitureEnv(BatchedEnv):
         return_torch: bool = False,
         max_nan_reset_attempts: int = 3,
         env_args: Optional[Dict[str, Any]] = None,
+        truncate_at_chunk_end: bool = False,
     ) -> None:
         spec = _resolve_task(task)
         if max_episode_steps is None:
@@ -466,6 +524,7 @@ class FurnitureEnv(BatchedEnv):
         self.max_episode_steps = int(max_episode_steps)
         self.sparse_reward = bool(sparse_reward)
         self.terminate_on_success = bool(terminate_on_success)
+        self.truncate_at_chunk_end = bool(truncate_at_chunk_end)
         self.sample_perturbations = bool(sample_perturbations)
         self.return_torch = bool(return_torch)
         self.max_nan_reset_attempts = int(max_nan_reset_attempts)
@@ -551,8 +610,8 @@ class FurnitureEnv(BatchedEnv):
         return obs, retries, unrecovered
 
     def _open_gripper_command(self, idx: Optional[torch.Tensor]) -> None:
-        """The fork's reset opens the gripper but keeps its remembered command ``last_grasp`` (set only in
-        ``__init__``), so the first step of a new episode with ``|grasp| <= grasp_margin`` would re-close it
+        """The fork's reset opens the gripper but keeps its remembered command ``last_grasp`` (stored by every
+        ``step``; ``reset`` leaves it alone), so the first step of a new episode with ``|grasp| <= grasp_margin`` would re-close it
         as the previous episode left it. Every episode starts with the "open" command (-1, the fork's initial
         value) instead: an episode's dynamics then depend only on its own reset and actions (exact resume)."""
         last = getattr(self.sim_env, "last_grasp", None)
@@ -659,7 +718,10 @@ class FurnitureEnv(BatchedEnv):
                 self._hist[key] = torch.where(ok[:, None, None], rolled, self._hist[key])
             self._ep_success |= ok & done
             end_term = ok & done & self.terminate_on_success
-            end_trunc = ok & ~end_term & (self._ep_steps >= self.max_episode_steps)
+            at_limit = self._ep_steps >= self.max_episode_steps
+            if self.truncate_at_chunk_end and i < ta - 1:
+                at_limit = torch.zeros_like(at_limit)  # DPPO: the limit is checked after the chunk
+            end_trunc = ok & ~end_term & at_limit
             nan_cut |= newly_nan
             terminated |= end_term
             truncated |= end_trunc | newly_nan

@@ -15,10 +15,10 @@ What matches the fork (ankile/furniture-bench 52e7c68, ``furniture_bench/envs/fu
   ``**kwargs`` (L116-119: ``pos_scalar``, ``rot_scalar``, ``stiffness``, ``damping``). The same checks:
   ``ctrl_mode == "diffik"`` (AssertionError, L112-114), ``act_rot_repr`` in quat/axis/rot_6d (ValueError,
   L245), randomness low/med/high (ValueError, L1713 and ``initialization_mode.str_to_enum``), known
-  furniture (ValueError, ``furniture_factory``), known observation keys (ValueError,
-  ``observation_space`` L838).
-* ``reset(env_idxs=None)`` (L1920): resets the given envs (``torch.int32`` indices; all when None) and
-  returns the observation of *all* envs.
+  furniture (ValueError, ``furniture_factory``).
+* ``reset(env_idxs=None)`` (L1920): resets the given envs (``torch.int32`` indices; all when None), then
+  calls ``refresh()`` (L1947: one ``simulate()`` call of 1/60 s) on *every* env, so envs that were not reset
+  move on by 1/6 of an env step (``lamp``: eleven calls, L1936-1947); returns the observation of *all* envs.
 * ``step(action, sample_perturbations=False)`` (L2044) -> ``(obs, reward, done, info)``: ``action``
   ``(num_envs, 10)`` for rot_6d (8 quat, 7 axis; L2046-2052), clamped to [-1, 1] (L912); ``reward``
   float32 ``(num_envs, 1)`` = 1.0 where any pair became assembled on this step (``_reward`` L1972-2034);
@@ -32,17 +32,23 @@ What matches the fork (ankile/furniture-bench 52e7c68, ``furniture_bench/envs/fu
   ``[pos 3, quat xyzw 4]`` then the front obstacle's. All float32 torch tensors.
 * the gripper command logic of ``simulate_step`` (L946-958): the sign of ``action[:, -1]`` toggles
   open (< 0) / closed (> 0) only when it changed and ``|grasp| > grasp_margin = 0.019``; ``last_grasp`` is
-  stored on a toggle only (otherwise the previous command holds).
+  stored on every step (L957), so a sign change with ``|grasp| <= 0.019`` does not toggle on its own step
+  but is the remembered command on the next one (a second small command of that sign then acts). ``reset``
+  leaves ``last_grasp`` alone.
 
 What is fake (deliberately cheap and deterministic):
 
 * device: CPU always (the real env uses ``cuda:<compute_device_id>``);
 * dynamics: the end effector moves half-way to the commanded pose each step (position linearly,
-  orientation by normalized quaternion interpolation); velocities are finite differences at 10 Hz;
+  orientation by normalized quaternion interpolation); velocities are finite differences at 10 Hz; a
+  ``refresh()`` (inside ``reset``) moves every end effector 1/6 of that way towards its last commanded
+  position (a reset env's command is its reset pose), velocities unchanged;
 * assembly: pair ``(a, b)`` becomes assembled when the end effector comes within
   :data:`REACH_THRESHOLD` of part ``b``'s position; part ``b`` then snaps onto part ``a`` (+ 3 cm in z);
 * frames: parts, obstacle and end effector share one frame (the fork reports parts in the AprilTag frame);
 * no cameras: image observation keys and ``record=True`` raise ValueError;
+* stricter observation keys: an unknown key raises ValueError at construction; the fork does not call
+  ``observation_space`` in ``__init__`` and its ``get_observation`` ignores unknown keys;
 * unknown constructor keywords raise TypeError (the real env silently swallows them through
   ``**kwargs``, e.g. DPPO's ``gpu_id=`` and ``observation_space=``; the fake catches misspellings);
 * ``action_type`` is validated at construction (the real env would fail later, inside ``step``);
@@ -221,6 +227,8 @@ class FakeFurnitureRLSimEnv:
         self.parts_pos = self.parts_home.repeat(n, 1, 1)
         self.parts_quat = torch.tensor([0.0, 0.0, 0.0, 1.0]).repeat(n, p, 1)
         self.obstacle_pose = torch.tensor(_OBSTACLE_HOME).repeat(n, 1)
+        self.goal_pos = self.ee_pos.clone()  # the last commanded position (refresh() keeps moving towards it)
+        self.refresh_calls = 0  # refresh() calls since construction (each one simulate() in the fork)
         self.total_steps = 0  # step() calls since construction
         self._nan_schedule: Dict[int, List[Tuple[int, int]]] = {}
         self._nan_resets_left = torch.zeros(n, dtype=torch.long)  # > 0: state is corrupted (NaN)
@@ -311,13 +319,22 @@ class FakeFurnitureRLSimEnv:
         obstacle_offsets = (torch.rand(k, 3) * 2 - 1) * self.max_obstacle_offset
         obstacle[:, :2] += obstacle_offsets[:, :2]
         self.obstacle_pose[idx] = obstacle
+        self.goal_pos[idx] = self.ee_pos[idx]
         corrupted = idx[self._nan_resets_left[idx] > 0]
         if corrupted.numel():
             self._nan_resets_left[corrupted] -= 1
             still = corrupted[self._nan_resets_left[corrupted] > 0]
             if still.numel():
                 self._apply_nan(still)
+        for _ in range(11 if self.furniture_name == "lamp" else 1):  # the fork: 10 lamp refreshes, then one
+            self.refresh()
         return self.get_observation()
+
+    def refresh(self) -> None:
+        """The fork's ``refresh()``: one ``simulate()`` call (1/60 s) for every env; here each end effector moves
+        ``TRACKING_GAIN / 6`` of the way to its last commanded position (1/6 of a fake env step)."""
+        self.ee_pos = self.ee_pos + (TRACKING_GAIN / 6.0) * (self.goal_pos - self.ee_pos)
+        self.refresh_calls += 1
 
     def _decode_goal_quat(self, action: torch.Tensor) -> torch.Tensor:
         if self.act_rot_repr == "quat":
@@ -343,6 +360,7 @@ class FakeFurnitureRLSimEnv:
             goal_quat = action_quat
         goal_quat = goal_quat / goal_quat.norm(dim=-1, keepdim=True)
 
+        self.goal_pos = goal_pos.clone()
         old_pos, old_quat = self.ee_pos.clone(), self.ee_quat.clone()
         self.ee_pos = old_pos + TRACKING_GAIN * (goal_pos - old_pos)
         aligned = torch.where((goal_quat * old_quat).sum(-1, keepdim=True) < 0, -goal_quat, goal_quat)
@@ -357,7 +375,7 @@ class FakeFurnitureRLSimEnv:
         zero = torch.zeros_like(grasp)
         toggle = (torch.sign(grasp) != torch.sign(self.last_grasp)) & (torch.abs(grasp) > self.grasp_margin)
         target = torch.where(toggle, torch.where(grasp < 0, max_w, zero), torch.where(self.last_grasp < 0, max_w, zero))
-        self.last_grasp = torch.where(toggle, grasp, self.last_grasp)  # the fork stores the command on a toggle only
+        self.last_grasp = grasp.clone()  # the fork stores the command on every step (L957)
         self.gripper = self.gripper + TRACKING_GAIN * (target[:, None] - self.gripper)
 
         self.total_steps += 1

@@ -506,3 +506,108 @@ def test_runs_under_the_generic_rollout():
     env.sim_env.inject_nan([0], at_step=env.sim_env.total_steps + 2)  # next run, first chunk: episode 0 fails
     result = rollout(_LegPolicy(4), env, episodes=3, seed=0, progress=False)
     assert result["num_failed"] == 1 and result["success_rate"] == 2 / 3
+
+
+# ----------------------------------------------------------------------------------------------- issue 24
+def test_a_missing_fork_dependency_is_named_with_its_install_command(tmp_path, monkeypatch):
+    """The fork imports ipdb at module level without installing it: the error names ipdb and its pip command, not
+    "install ankile's fork"."""
+    import types
+
+    from dpft.envs import furniture as fb
+
+    gym = types.ModuleType("isaacgym")
+    gym.gymapi = types.ModuleType("isaacgym.gymapi")
+    monkeypatch.setitem(sys.modules, "isaacgym", gym)
+    monkeypatch.setitem(sys.modules, "isaacgym.gymapi", gym.gymapi)
+    pkg = tmp_path / "furniture_bench" / "envs"
+    pkg.mkdir(parents=True)
+    (tmp_path / "furniture_bench" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "furniture_rl_sim_env.py").write_text("raise ModuleNotFoundError('ipdb')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.split(".")[0] == "furniture_bench"]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        with pytest.raises(DpftError, match=r"module 'ipdb' is missing.*pip install ipdb==0\.13\.13") as info:
+            fb._load_fork_env_class()
+        assert "clvrai" not in str(info.value)
+        # the interpreter's own wording names the module too
+        (pkg / "furniture_rl_sim_env.py").write_text("import ipdb_not_installed_here\n")
+        for name in [m for m in sys.modules if m.split(".")[0] == "furniture_bench"]:
+            del sys.modules[name]
+        with pytest.raises(DpftError, match=r"'ipdb_not_installed_here' is missing.*pip install ipdb_not_installed_here"):
+            fb._load_fork_env_class()
+        # the fork itself missing keeps the "install ankile's fork" advice
+        (pkg / "furniture_rl_sim_env.py").unlink()
+        for name in [m for m in sys.modules if m.split(".")[0] == "furniture_bench"]:
+            del sys.modules[name]
+        with pytest.raises(DpftError, match="Install ankile's fork"):
+            fb._load_fork_env_class()
+    finally:
+        for name in [m for m in sys.modules if m.split(".")[0] == "furniture_bench"]:
+            del sys.modules[name]
+    assert "pip install ipdb==0.13.13" in isaacgym_install_message()
+
+
+def test_fake_stores_the_gripper_command_every_step_like_the_fork():
+    """A small positive command (|grasp| <= 0.019) does not close on its own step, but it becomes the remembered
+    command, so a second one closes the gripper (the fork stores last_grasp every step; the old fake never closed)."""
+    sim = FakeFurnitureRLSimEnv("low", furniture="one_leg", num_envs=1, obs_keys=list(DEFAULT_STATE_OBS),
+                                action_type="pos")
+    sim.reset()
+    width = float(sim.gripper[0, 0])
+    action = torch.tensor([[0.45, 0.0, 0.25] + DOWN6D + [0.01]])
+    sim.step(action)
+    assert float(sim.last_grasp[0]) == pytest.approx(0.01)
+    assert float(sim.gripper[0, 0]) == pytest.approx(width)  # target still "open": max width
+    sim.step(action)
+    assert float(sim.gripper[0, 0]) == pytest.approx(width * 0.5)  # target "closed" (0), tracking gain 0.5
+    sim.reset()
+    assert float(sim.last_grasp[0]) == pytest.approx(0.01)  # reset leaves it alone, as the fork does
+
+
+def test_partial_reset_advances_running_envs_and_the_history_takes_the_refreshed_state():
+    env = make("one_leg", num_envs=2, act_steps=1, cond_steps=2)
+    env.reset(seeds=[0, 0])
+    sim = env.sim_env
+    target = np.array([[0.55, 0.1, 0.2]] * 2, np.float32)
+    env.step(goto(env, target))
+    before = sim.ee_pos[0].clone()
+    sim.inject_nan([1], at_step=2)  # env 1's episode is cut on the next step, so env 1 alone is reset
+    calls = sim.refresh_calls
+    result = env.step(goto(env, target))
+    assert result.info["nan_resets"].tolist() == [False, True] and sim.refresh_calls == calls + 1
+    stepped = before + 0.5 * (torch.tensor(target[0]) - before)  # the fake's env step
+    refreshed = stepped + (0.5 / 6) * (torch.tensor(target[0]) - stepped)  # one simulate() call: 1/6 of a step
+    np.testing.assert_allclose(sim.ee_pos[0].numpy(), refreshed.numpy(), atol=1e-6)
+    # env 0's newest history entry is its post-refresh state; the one before is the previous step's
+    np.testing.assert_allclose(result.obs["robot_state"][0, -1, :3], refreshed.numpy(), atol=1e-6)
+    np.testing.assert_allclose(result.obs["robot_state"][0, 0, :3], before.numpy(), atol=1e-6)
+    assert not np.allclose(result.obs["robot_state"][0, -1, :3], stepped.numpy(), atol=1e-5)
+    # lamp: ten refreshes to record the bulb rest poses, then the usual one
+    lamp = FakeFurnitureRLSimEnv("low", furniture="lamp", num_envs=1, obs_keys=list(DEFAULT_STATE_OBS))
+    lamp.reset()
+    assert lamp.refresh_calls == 11
+
+
+def test_chunk_end_truncation_runs_and_rewards_the_whole_last_chunk():
+    """DPPO checks the time limit after the chunk: 700 steps with act_steps 8 run 88 chunks = 704 steps."""
+    lengths = {}
+    for chunk_end in (False, True):
+        env = make("one_leg", num_envs=1, act_steps=8, truncate_at_chunk_end=chunk_end)
+        env.reset(seeds=[0])
+        for t in range(88):
+            result = env.step(goto(env, [[0.45, 0.0, 0.3]]))
+            if result.truncated[0]:
+                break
+        lengths[chunk_end] = (t + 1, int(result.info["episode_length"][0]), int(result.info["steps"][0]))
+    assert lengths[False] == (88, 700, 4)
+    assert lengths[True] == (88, 704, 8)
+
+
+def test_max_env_steps_reaches_the_fork_and_defaults_to_the_episode_length():
+    assert make("lamp", num_envs=1).sim_env.max_env_steps == 1000
+    assert make("lamp", num_envs=1, max_env_steps=100_000_000).sim_env.max_env_steps == 100_000_000
+    with pytest.raises(DpftError, match="max_env_steps=0"):
+        make("lamp", num_envs=1, max_env_steps=0)
