@@ -8,7 +8,8 @@ success, and the observation history before auto-reset (``final_obs``). The coll
 * ``obs``: the agent's model input (normalized state ``(T, N, To, Do)``, uint8 images) at each step;
 * whatever the agent's ``act`` returned for training (DPPO: ``chain (T, N, K'+1, Ta, Da)`` and ``logprob``;
   PPO: ``action`` and ``logprob``) -- old log-probs come from the sampler itself, never recomputed;
-* ``reward``, ``terminated`` (task end, or an episode cut by an env fault: never bootstrapped), ``truncated``;
+* ``reward``, ``terminated`` (task end, or an episode cut by an env fault: never bootstrapped; with
+  ``truncation_as_terminal`` also every time-limit end, as DPPO's furniture wrapper and ResiP do), ``truncated``;
 * ``values (T, N)`` and ``next_values (T, N)``: ``V(obs after step t)``, which for an episode that ended at
   ``t`` is ``V(final_obs)`` (the truncation bootstrap), never the reset observation of the next episode.
 
@@ -84,9 +85,11 @@ class OnPolicyCollector:
     ``env_action(act_out) -> np.ndarray (N, act_steps, Da)`` and ``value(model_obs) -> (N,)``.
     """
 
-    def __init__(self, env: Any, agent: Any):
+    def __init__(self, env: Any, agent: Any, truncation_as_terminal: bool = False):
         self.env = env
         self.agent = agent
+        #: time-limit ends count as terminal (no bootstrap): DPPO's furniture wrapper, ResiP truncation_as_done
+        self.truncation_as_terminal = bool(truncation_as_terminal)
         self.raw_obs = None  # type: Any
         self._ep_return = np.zeros(env.num_envs)
         self._ep_length = np.zeros(env.num_envs, dtype=np.int64)
@@ -142,6 +145,8 @@ class OnPolicyCollector:
             done = np.logical_or(terminated, truncated)
             # an episode cut by a fault (dead worker, NaN obs/reward) is not bootstrapped from
             term[t] = np.logical_or(terminated, failed | bad)
+            if self.truncation_as_terminal:
+                term[t] |= truncated
             trunc[t] = np.logical_and(truncated, ~term[t])
             rows = np.nonzero(done)[0]
             if len(rows):

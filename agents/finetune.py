@@ -194,11 +194,15 @@ class Finetuner:
             else:
                 model, normalizer, meta = self._from_scratch()
                 scratch = True
+            for key in ("obs_clip", "raw_obs_clip"):  # the clamps act in Policy, so evaluation and rollouts match
+                value = getattr(c, key)
+                meta[key] = None if value is None else float(value)
             self.meta = meta
             self.policy = Policy(model, normalizer, meta, weights="model", device=self.device)
             self.model = self.policy.model
             self.model.train()
             self.env = self._make_env(meta, num_envs=self.local_envs)
+            self._derive_rollout_sizes(meta)
             self.gen = torch.Generator(device="cpu")
             self.gen.manual_seed(int(c.seed))
             agent_cls = getattr(importlib.import_module(module), cls)
@@ -208,7 +212,8 @@ class Finetuner:
                 self.agent.dp = self.dp
         from dpft.agents.collector import OnPolicyCollector
 
-        self.collector = OnPolicyCollector(self.env, self.agent)
+        self.collector = OnPolicyCollector(self.env, self.agent,
+                                           truncation_as_terminal=bool(c.truncation_as_terminal))
         from dpft.agents.inril import build_inril  # (H-inril) IN-RIL / CAIR / alignment monitor plug-in
 
         if self.dp is not None and int(c.inril.monitor_every):  # (H-ddp) IN-RIL/CAIR were refused above
@@ -220,6 +225,31 @@ class Finetuner:
         self.env_steps = 0
         if c.resume:
             self._restore()
+
+    def _derive_rollout_sizes(self, meta: Dict[str, Any]) -> None:
+        """Resolve ``n_steps=null`` (one episode per iteration) and ``agent.batch_size=null`` (the recipe's)."""
+        c = self.cfg
+        derived = {}
+        if c.n_steps is None:
+            limit = getattr(self.env, "max_episode_steps", None)
+            if not limit:
+                raise DpftError("n_steps=null derives the chunks per iteration from the env's episode length, but "
+                                "this env has none; set n_steps= (action chunks per env per iteration).")
+            c.n_steps = int(math.ceil(int(limit) / int(self.env.act_steps)))
+            derived["n_steps"] = c.n_steps
+        if c.agent.batch_size is None:
+            from dpft.envs.furniture import recipe_batch_size
+            from dpft.envs.registry import env_kind
+
+            env_args = meta.get("env_args") or {}
+            c.agent.batch_size = recipe_batch_size(
+                c.agent.name, env_kind(env_args) if env_args else None, (env_args.get("env_kwargs") or {}),
+                str(meta.get("policy", "")), int(c.n_steps), int(c.envs))
+            derived["agent.batch_size"] = c.agent.batch_size
+        if derived:
+            meta["derived_settings"] = derived
+            if self.rank0 and c.progress:
+                print("dpft finetune: derived %s" % ", ".join("%s=%d" % kv for kv in derived.items()))
 
     def _from_checkpoint(self, ptype: str):
         from dpft.checkpoint import load_checkpoint, load_state_strict
@@ -327,11 +357,18 @@ class Finetuner:
             if c.simulator is not None:  # recorded in the run's meta, so its checkpoints roll out the same way
                 env_args = dict(env_args, env_kwargs=dict(env_args.get("env_kwargs") or {}, simulator=c.simulator))
                 meta["env_args"] = env_args
+            fo = c.furniture  # recorded the same way (the fork's lamp bulb hold, DPPO's chunk-end time limit)
+            extra = {"max_env_steps": fo.max_env_steps, "truncate_at_chunk_end": bool(fo.truncate_at_chunk_end)}
+            env_args = dict(env_args, env_kwargs=dict(env_args.get("env_kwargs") or {}, **extra))
+            meta["env_args"] = env_args
 
             return furniture_env_from_args(env_args, int(num_envs or c.envs), int(meta["act_steps"]),
                                            int(meta["cond_steps"]), device=self.device,
                                            max_episode_steps=c.max_episode_steps or None,
                                            terminate_on_success=bool(c.terminate_on_success), return_torch=True)
+        if c.furniture.max_env_steps is not None or c.furniture.truncate_at_chunk_end:
+            raise DpftError("furniture.max_env_steps / furniture.truncate_at_chunk_end apply to FurnitureBench "
+                            "checkpoints only; this one's env is %s." % kind)
         options = {"terminate_on_success": bool(c.terminate_on_success)}
         if c.max_episode_steps:
             options["max_episode_steps"] = int(c.max_episode_steps)

@@ -10,7 +10,8 @@ Extra keys are ignored. A policy without cameras also takes the concatenated low
 ``(B, To, Do)`` (or ``(B, Do)`` when ``cond_steps == 1``).
 
 Processing: low-dim keys are concatenated in ``meta["low_dim_keys"]`` order and min-max normalized with
-the checkpoint's statistics (``"state"``), images stay uint8, the model samples a normalized chunk
+the checkpoint's statistics (``"state"``; clamped to ``+-meta["raw_obs_clip"]`` before and ``+-meta["obs_clip"]``
+after normalizing when the meta sets them, as ``dpft finetune obs_clip=/raw_obs_clip=`` does), images stay uint8, the model samples a normalized chunk
 ``(B, Ta, Da)`` under ``torch.no_grad`` (the model's train/eval mode is left as it is; :func:`load_policy`
 builds it in eval mode), and ``"action"`` is unnormalized. :meth:`Policy.act` returns the first
 ``act_steps`` actions, :meth:`Policy.predict_chunk` all ``horizon_steps``. Non-finite low-dim observations
@@ -95,6 +96,14 @@ class Policy:
         self.horizon_steps = int(self.meta["horizon_steps"])
         self.cond_steps = int(self.meta["cond_steps"])
         self.act_steps = int(self.meta["act_steps"])
+        clips = {k: self.meta.get(k) for k in ("obs_clip", "raw_obs_clip")}
+        for key, value in clips.items():
+            if value is not None and not float(value) > 0:
+                raise DpftError("Policy metadata%s has %s=%r; expected a positive number or null (no clamp)."
+                                % ((" of " + checkpoint_dir) if checkpoint_dir else "", key, value))
+        #: clamp of the normalized low-dim state (meta ``obs_clip``) and of the raw one (``raw_obs_clip``); None = off
+        self.obs_clip = None if clips["obs_clip"] is None else float(clips["obs_clip"])
+        self.raw_obs_clip = None if clips["raw_obs_clip"] is None else float(clips["raw_obs_clip"])
 
     # ------------------------------------------------------------------ observations
     def _check_batch(self, b: Optional[int], key: str, arr_b: int) -> int:
@@ -184,7 +193,11 @@ class Policy:
             raise DpftError("Observation %s contains NaN or Inf; the policy needs finite observations (an env that "
                             "returns them should cut the episode)." % ", ".join(bad))
         if self.obs_dim > 0:
+            if self.raw_obs_clip is not None:  # ResiP's furniture wrapper: raw obs clamped to +-3
+                t = t.clamp(-self.raw_obs_clip, self.raw_obs_clip)
             t = self.normalizer.normalize("state", t)
+            if self.obs_clip is not None:  # DPPO's furniture wrapper: normalized obs clamped to +-5 (ResiP 3)
+                t = t.clamp(-self.obs_clip, self.obs_clip)
         return t
 
     # ------------------------------------------------------------------ acting

@@ -105,6 +105,8 @@ __all__ = [
     "SIMULATORS",
     "FurnitureEnv",
     "robot_state_to_16d",
+    "recipe_batch_size",
+    "OBSTACLE_FRONT_NOMINAL_POSE",
 ]
 
 
@@ -161,6 +163,18 @@ ROBOT_STATE_DIM = 16
 ACTION_DIM = 10
 
 _FORK_URL = "https://github.com/ankile/furniture-bench"
+
+# The front obstacle's nominal pose [pos 3, quat xyzw 4] in the AprilTag frame, before FurnitureRLSimEnv's random
+# offset (+-0.02 / 0.04 / 0.06 m at low / med / high). Derived from the fork (52e7c68): create_envs places it in the
+# simulator frame at (base_tag.x + 0.38, 0, table_surface_z + 0.015) rotated 90 degrees about z, with
+# table_surface_z = 0.415, franka base at (-0.3, 0, 0.415) and base_tag = franka + (0.3015, 0, 0)
+# (furniture_sim_env.py:307-313, furniture_rl_sim_env.py:280-320); parts_poses maps it to the AprilTag frame with
+# sim_to_april_mat = inv(tag_base_from_robot_base) @ inv(franka_from_origin), tag_base_from_robot_base =
+# get_mat((0.3015, 0, 0), (pi, 0, pi/2)) (config.py:33-36). That gives position (0, 0.38, -0.015) and the rotation
+# diag(1, -1, -1) (pi about x): quaternion xyzw (1, 0, 0, 0), whose sign is +1 by matrix_to_quaternion_xyzw's
+# copysign rule for exact values (the simulator's float state may flip it; q and -q are the same rotation).
+# tools/furniture_check.py compares it with a live FurnitureRLSimEnv observation (randomize_obstacle=False).
+OBSTACLE_FRONT_NOMINAL_POSE: Tuple[float, ...] = (0.0, 0.38, -0.015, 1.0, 0.0, 0.0, 0.0)
 
 
 def isaacgym_install_message(cause: Optional[BaseException] = None) -> str:
@@ -245,6 +259,38 @@ def _missing_dependency(exc: BaseException) -> Optional[str]:
     if not top or top == "furniture_bench" or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", top):
         return None
     return top
+
+
+# DPPO's furniture fine-tuning minibatch (cfg/furniture/finetune/<task>_<randomness>/ft_ppo_*.yaml, irom-princeton/dppo
+# cc7234a): (env step, denoising step) pairs for the diffusion policies, env steps for the Gaussian one.
+_DPPO_BATCH = {
+    "diffusion_mlp": {("one_leg", "low"): 17600, None: 8800},
+    "diffusion_unet": {("one_leg", "low"): 30000, ("one_leg", "med"): 30000, None: 40000},
+    "gaussian_mlp": {None: 8800},
+}
+
+
+def recipe_batch_size(agent: str, kind: Optional[str], env_kwargs: Dict[str, Any], policy: str, n_steps: int,
+                      envs: int) -> int:
+    """``agent.batch_size=null``: the published recipe's minibatch for this run.
+
+    ``residual_ppo``: ``n_steps * envs``, the whole iteration in one minibatch (ResiP ``num_minibatches: 1``).
+    ``dppo`` / ``ppo`` on FurnitureBench: DPPO's value for the task and randomness (``_DPPO_BATCH``: diffusion MLP
+    17,600 for one_leg low, 8,800 otherwise; UNet 30,000 one_leg, 40,000 lamp / round_table; Gaussian MLP 8,800).
+
+    Raises:
+        DpftError: no recipe is known (another agent, env family or policy network): set ``agent.batch_size``.
+    """
+    if agent == "residual_ppo":
+        return int(n_steps) * int(envs)
+    if kind == "furniture" and agent in ("dppo", "ppo") and policy in _DPPO_BATCH:
+        table = _DPPO_BATCH[policy]
+        key = (env_kwargs.get("furniture", "one_leg"), env_kwargs.get("randomness", "low"))
+        return int(table.get(key, table[None]))
+    raise DpftError(
+        "agent.batch_size=null takes the published recipe's minibatch, which dpft knows for agent=residual_ppo (one "
+        "minibatch per iteration) and for agent=dppo / ppo on FurnitureBench with a diffusion_mlp, diffusion_unet or "
+        "gaussian_mlp policy; this run is agent=%s on %s with policy %r. Set agent.batch_size=N." % (agent, kind, policy))
 
 
 def _resolve_task(task: str) -> TaskSpec:

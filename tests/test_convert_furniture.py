@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from dpft.errors import DpftError
 from tools.convert_furniture_demos import convert_furniture_demos, main
@@ -247,3 +248,58 @@ def test_output_loads_with_dpft_loader_and_describe(demo_dir):
     assert d["filter_keys"] == {"train": 2, "valid": 1} and d["extras"]["rewards"] == 3 and d["extras"]["dones"] == 3
     assert d["obs"]["color_image2"]["kind"] == "image" and d["obs"]["robot_state"]["shape"] == (16,)
     assert d["warnings"] == []  # absolute actions (m, rot6d, gripper sign) lie inside [-1, 1]
+
+
+def test_furniture_sim_full_demos_get_the_nominal_obstacle_pose_when_asked(tmp_path, capsys):
+    """FurnitureSimFull-v0 demos (the fork's, ResiP's and clvrai's collectors) have num_parts * 7 parts_poses values
+    (35 for one_leg): refused with a message naming the option, accepted with it, and reported."""
+    ep = make_episode(3, seed=0, parts_dim=35)
+    write(tmp_path / "full" / "ep.pkl", ep)
+    out = tmp_path / "full.hdf5"
+    with pytest.raises(DpftError, match="FurnitureSimFull-v0.*--append-obstacle") as info:
+        convert_furniture_demos(tmp_path / "full", out, "one_leg")
+    assert "clvrai's original FurnitureSim" not in str(info.value)
+    summary = convert_furniture_demos(tmp_path / "full", out, "one_leg", append_obstacle=True)
+    assert summary["obstacle_appended"] == 1
+    with h5py.File(out, "r") as f:
+        parts = f["data/demo_0/obs/parts_poses"][()]
+        conversion = json.loads(f["data"].attrs["conversion"])
+    assert parts.shape == (3, 42)
+    np.testing.assert_allclose(parts[:, :35], np.stack([o["parts_poses"] for o in ep["observations"][:3]]))
+    # position (0, 0.38, -0.015) and a rotation of pi about x, hand-derived from the fork's create_envs
+    np.testing.assert_allclose(parts[:, 35:], [[0.0, 0.38, -0.015, 1.0, 0.0, 0.0, 0.0]] * 3)
+    assert conversion["append_obstacle"] is True and conversion["obstacle_appended_episodes"] == 1
+    # 42-value files are left as they are, even with the option
+    write(tmp_path / "rl" / "ep.pkl", make_episode(3, seed=1))
+    summary = convert_furniture_demos(tmp_path / "rl", tmp_path / "rl.hdf5", "one_leg", append_obstacle=True)
+    assert summary["obstacle_appended"] == 0
+    assert main(["--input", str(tmp_path / "full"), "--out", str(tmp_path / "cli.hdf5"), "--task", "one_leg",
+                 "--append-obstacle"]) == 0
+    assert "appended the obstacle's nominal pose" in capsys.readouterr().out
+
+
+def test_nominal_obstacle_pose_is_the_fork_transform_of_its_creation_pose():
+    """Recompute OBSTACLE_FRONT_NOMINAL_POSE from the fork's constants (create_envs, config.py) with its formulas."""
+    from dpft.envs.furniture import OBSTACLE_FRONT_NOMINAL_POSE
+    from dpft.envs.rotation import matrix_to_quat_xyzw
+
+    def get_mat(pos, angles):  # furniture_bench/utils/pose.py get_mat / rot_mat (R = Rz Ry Rx)
+        x, y, z = angles
+        rx = np.array([[1, 0, 0], [0, np.cos(x), -np.sin(x)], [0, np.sin(x), np.cos(x)]])
+        ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+        rz = np.array([[np.cos(z), -np.sin(z), 0], [np.sin(z), np.cos(z), 0], [0, 0, 1]])
+        m = np.eye(4)
+        m[:3, :3] = rz @ ry @ rx
+        m[:3, 3] = pos
+        return m
+
+    table_surface_z = 0.4 + 0.015
+    franka = np.array([0.5 * -0.8 + 0.1, 0.0, table_surface_z])
+    tag_from_robot = get_mat((0.23 + 0.0715, 0, 0), (np.pi, 0, np.pi / 2))
+    base_tag = franka + np.array([0.23 + 0.0715, 0.0, 0.0])
+    obstacle_sim = get_mat((base_tag[0] + 0.37 + 0.01, 0.0, table_surface_z + 0.015), (0, 0, 0.5 * np.pi))
+    april = np.linalg.inv(tag_from_robot) @ np.linalg.inv(get_mat(franka, (0, 0, 0))) @ obstacle_sim
+    np.testing.assert_allclose(OBSTACLE_FRONT_NOMINAL_POSE[:3], april[:3, 3], atol=1e-9)
+    quat = matrix_to_quat_xyzw(torch.as_tensor(april[:3, :3])).numpy()
+    sign = np.sign(quat[np.argmax(np.abs(quat))])
+    np.testing.assert_allclose(OBSTACLE_FRONT_NOMINAL_POSE[3:], quat * sign, atol=1e-7)

@@ -6,7 +6,16 @@ ee_ori_vel, gripper_width, ...`` or a flat 14-vector), ``parts_poses`` and ``col
 ``color_image2`` (front) uint8 HWC), ``actions`` (8-D ``[delta pos 3, delta quat xyzw 4, gripper 1]``),
 ``rewards``, ``skills``, ``success``, ``furniture`` (``task`` in ResiP rollouts). References:
 ``furniture_bench/data/data_collector.py::DataCollector.save`` (ankile fork) and ResiP's
-``src/data_collection/io.py::save_raw_rollout``. The simulator collector stores one observation more than
+``src/data_collection/io.py::save_raw_rollout``.
+
+``parts_poses`` sizes: teleoperated and scripted demos from the fork's, ResiP's and clvrai's collectors are
+recorded with ``FurnitureSimFull-v0`` (``furniture_sim_env.py``), whose ``parts_poses`` has ``num_parts * 7``
+values (35 for one_leg) without the obstacle; only ``FurnitureRLSimEnv`` (what dpft fine-tunes in, and ResiP's
+``save_raw_rollout`` of RL-env rollouts) appends the front obstacle's pose, ``(num_parts + 1) * 7`` values.
+Files of the first kind are refused unless ``append_obstacle=True`` (``--append-obstacle``), which appends the
+obstacle's nominal pose in the AprilTag frame (:data:`dpft.envs.furniture.OBSTACLE_FRONT_NOMINAL_POSE`, the
+fork's reset pose before the RL env's random offset) to every step; the summary and the file's ``conversion``
+attribute report how many episodes got it. The simulator collector stores one observation more than
 actions (the one after the last action); it is dropped.
 
 **Pickle is the upstream format and can execute code when loaded: convert only files you trust.** This
@@ -17,7 +26,7 @@ Output (robomimic layout, see docs/design.md):
 * ``data/demo_<i>/obs/robot_state`` float32 ``(T, 16)``: ee_pos, ee rot6d (first two rows of the rotation
   matrix), ee_pos_vel, ee_ori_vel, gripper_width (ResiP's ``np_proprioceptive_quat_to_6d_rotation``);
 * ``data/demo_<i>/obs/parts_poses`` float32 ``(T, P)`` as stored (P = (num_parts + 1) * 7: 42 one_leg,
-  28 lamp / round_table), checked against the task;
+  28 lamp / round_table), checked against the task; ``num_parts * 7`` with ``append_obstacle`` (see above);
 * with ``include_images``: ``obs/color_image1``, ``obs/color_image2`` uint8 ``(T, H, W, 3)`` as stored (no
   resizing; channel-first frames are transposed);
 * ``actions`` float32 ``(T, 10)``: **absolute** end-effector pose ``[pos 3, rot6d 6, gripper 1]``, the
@@ -60,7 +69,7 @@ import h5py  # noqa: E402
 import torch  # noqa: E402
 
 from dpft.errors import DpftError  # noqa: E402
-from dpft.envs.furniture import DEFAULT_STATE_OBS, ROBOT_STATE_KEYS, TASKS  # noqa: E402
+from dpft.envs.furniture import DEFAULT_STATE_OBS, OBSTACLE_FRONT_NOMINAL_POSE, ROBOT_STATE_KEYS, TASKS  # noqa: E402
 from dpft.envs.rotation import (  # noqa: E402
     axis_angle_to_quat_xyzw,
     matrix_to_rot6d,
@@ -215,12 +224,17 @@ def convert_episode(
     action_format: str = "auto",
     clip_delta_pos: Optional[float] = 0.025,
     clip_delta_rot: Optional[float] = 0.35,
+    append_obstacle: bool = False,
 ) -> Dict[str, Any]:
     """Convert one unpickled episode to arrays.
 
+    ``append_obstacle``: accept ``parts_poses`` of ``num_parts * 7`` values (``FurnitureSimFull-v0`` demos) and
+    append the obstacle's nominal pose to every step.
+
     Returns:
         dict with ``obs`` (``robot_state (T, 16)``, ``parts_poses (T, P)``, optional images
-        ``(T, H, W, 3)``), ``actions (T, 10)``, ``rewards (T,)``, ``dones (T,)``, ``success`` (bool).
+        ``(T, H, W, 3)``), ``actions (T, 10)``, ``rewards (T,)``, ``dones (T,)``, ``success`` (bool),
+        ``obstacle_appended`` (bool).
     """
     path = Path(path)
     spec = TASKS[task]
@@ -251,10 +265,17 @@ def convert_episode(
             raise DpftError("%s: observations[%d] has no 'parts_poses'." % (path, t))
         parts.append(np.asarray(o["parts_poses"], dtype=np.float32).reshape(-1))
     sizes = {p.size for p in parts}
-    if sizes != {spec.parts_poses_dim}:
+    appended = False
+    if sizes == {spec.num_parts * 7} and append_obstacle:
+        obstacle = np.asarray(OBSTACLE_FRONT_NOMINAL_POSE, dtype=np.float32)
+        parts = [np.concatenate([p, obstacle]) for p in parts]
+        appended = True
+    elif sizes != {spec.parts_poses_dim}:
         size = sorted(sizes)[0] if len(sizes) == 1 else sorted(sizes)
-        old = " (num_parts * 7 without the obstacle pose: demos from clvrai's original FurnitureSim; "\
-              "FurnitureRLSimEnv observes the obstacle too)" if size == spec.num_parts * 7 else ""
+        old = (" = num_parts * 7 without the obstacle's pose: FurnitureSimFull-v0 demos (the fork's, ResiP's and "
+               "clvrai's collectors record with it), while FurnitureRLSimEnv, which dpft fine-tunes in, appends the "
+               "obstacle; pass --append-obstacle (append_obstacle=True) to append its nominal pose"
+               if size == spec.num_parts * 7 else "")
         raise DpftError("%s: parts_poses has %s values per step%s; task %r expects %d = (%d parts + 1 obstacle) * 7."
                         % (path, size, old, task, spec.parts_poses_dim, spec.num_parts))
     parts_poses = np.stack(parts)
@@ -283,6 +304,7 @@ def convert_episode(
         "dones": dones,
         "success": parse_success(data.get("success", False)),
         "action_format": fmt,
+        "obstacle_appended": appended,
     }
 
 
@@ -321,6 +343,7 @@ def convert_furniture_demos(
     clip_delta_pos: Optional[float] = 0.025,
     clip_delta_rot: Optional[float] = 0.35,
     overwrite: bool = False,
+    append_obstacle: bool = False,
 ) -> Dict[str, Any]:
     """Convert FurnitureBench episode pickles to one robomimic-layout HDF5 file (see the module docstring).
 
@@ -340,10 +363,13 @@ def convert_furniture_demos(
         clip_delta_pos: per-axis clip of delta positions in m (None: no clip); ``delta_quat`` only.
         clip_delta_rot: per-step clip of delta rotation angles in rad (None: no clip); ``delta_quat`` only.
         overwrite: replace an existing output file.
+        append_obstacle: accept ``FurnitureSimFull-v0`` episodes (``parts_poses`` of ``num_parts * 7``) by appending
+            the obstacle's nominal pose (module docstring).
 
     Returns:
         summary dict: ``num_demos``, ``num_samples``, ``train``/``valid`` demo names, ``skipped``
-        (list of ``(file, reason)``), ``out`` path.
+        (list of ``(file, reason)``), ``out`` path, ``obstacle_appended`` (episodes that got the nominal
+        obstacle pose).
     """
     if task not in TASKS:
         raise DpftError("Unknown FurnitureBench task %r: expected one of %s." % (task, ", ".join(sorted(TASKS))))
@@ -366,6 +392,7 @@ def convert_furniture_demos(
     skipped: List[Tuple[str, str]] = []
     formats = set()
     total = 0
+    appended = 0
     image_shapes: Dict[str, Tuple[int, ...]] = {}
     try:
         with h5py.File(tmp, "w") as f:
@@ -379,7 +406,9 @@ def convert_furniture_demos(
                 if only_success and not parse_success(raw.get("success", False)):
                     skipped.append((str(path), "not successful"))
                     continue
-                ep = convert_episode(raw, task, path, include_images, action_format, clip_delta_pos, clip_delta_rot)
+                ep = convert_episode(raw, task, path, include_images, action_format, clip_delta_pos, clip_delta_rot,
+                                     append_obstacle=append_obstacle)
+                appended += int(ep["obstacle_appended"])
                 for key in IMAGE_KEYS:
                     if key in ep["obs"]:
                         shape = ep["obs"][key].shape[1:]
@@ -434,6 +463,9 @@ def convert_furniture_demos(
                 "clip_delta_pos": clip_delta_pos,
                 "clip_delta_rot": clip_delta_rot,
                 "only_success": bool(only_success),
+                "append_obstacle": bool(append_obstacle),
+                "obstacle_appended_episodes": appended,
+                "obstacle_nominal_pose": list(OBSTACLE_FRONT_NOMINAL_POSE) if appended else None,
             })
             train, valid = _split(names, float(valid_ratio), int(seed))
             mask = f.create_group("mask")
@@ -444,7 +476,7 @@ def convert_furniture_demos(
         if tmp.exists():
             tmp.unlink()
     return {"out": str(out), "num_demos": len(names), "num_samples": total, "train": train, "valid": valid,
-            "skipped": skipped}
+            "skipped": skipped, "obstacle_appended": appended}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -464,6 +496,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--clip-delta-pos", type=float, default=0.025, help="m; <= 0 disables")
     parser.add_argument("--clip-delta-rot", type=float, default=0.35, help="rad; <= 0 disables")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--append-obstacle", action="store_true",
+                        help="accept FurnitureSimFull-v0 demos (parts_poses without the obstacle) by appending the "
+                             "obstacle's nominal pose in the AprilTag frame")
     args = parser.parse_args(argv)
     try:
         summary = convert_furniture_demos(
@@ -472,7 +507,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             action_format=args.action_format,
             clip_delta_pos=args.clip_delta_pos if args.clip_delta_pos > 0 else None,
             clip_delta_rot=args.clip_delta_rot if args.clip_delta_rot > 0 else None,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, append_obstacle=args.append_obstacle,
         )
     except DpftError as exc:
         print("error: %s" % exc, file=sys.stderr)
@@ -480,6 +515,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("wrote %s: %d demos, %d samples (train %d, valid %d, skipped %d)"
           % (summary["out"], summary["num_demos"], summary["num_samples"], len(summary["train"]),
              len(summary["valid"]), len(summary["skipped"])))
+    if summary["obstacle_appended"]:
+        print("appended the obstacle's nominal pose %s (AprilTag frame) to parts_poses of %d episode(s) recorded "
+              "without it" % (list(OBSTACLE_FRONT_NOMINAL_POSE), summary["obstacle_appended"]))
     return 0
 
 

@@ -33,7 +33,9 @@ class AgentConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay of actor and critic")
     lr_schedule: str = _f("constant", "constant | linear (anneal both learning rates to 0 over the run, CleanRL)")
     update_epochs: int = _f(10, "passes over the iteration's samples")
-    batch_size: int = _f(7500, "minibatch size (DPPO: (env step, denoising step) pairs; PPO: env steps)")
+    batch_size: Optional[int] = _f(7500, "minibatch size (DPPO: (env step, denoising step) pairs; PPO: env steps); null = "
+                                   "the published recipe's: residual_ppo the whole iteration in one minibatch (ResiP), "
+                                   "dppo/ppo on FurnitureBench DPPO's value for the task and randomness")
     max_grad_norm: Optional[float] = _f(None, "clip actor and critic gradient norms (None = off, DPPO)")
     target_kl: Optional[float] = _f(1.0, "stop the iteration's updates before a minibatch whose approx KL exceeds this (None = off)")
     n_critic_warmup_itr: int = _f(2, "first training iterations that update only the critic")
@@ -138,6 +140,16 @@ class CairConfig:
 
 
 @dataclass
+class FurnitureOptions:
+    """FurnitureBench settings of ``dpft finetune`` (``furniture.<key>=``), written into the run's ``env_args``."""
+
+    max_env_steps: Optional[int] = _f(None, "the fork's max_env_steps: lamp holds its bulbs at rest until an env "
+                                      "passes half of it (None = the episode length, DPPO; ResiP 100000000)")
+    truncate_at_chunk_end: bool = _f(False, "check the time limit after the action chunk, as DPPO's wrapper does "
+                                     "(one_leg: 88 chunks of 8 = 704 steps); false = at the exact step")
+
+
+@dataclass
 class FinetuneConfig:
     """``dpft finetune``: fine-tune a checkpoint with RL (or train a Gaussian policy from scratch)."""
 
@@ -147,9 +159,18 @@ class FinetuneConfig:
     agent: AgentConfig = _f(factory=AgentConfig, help="agent hyperparameters (agent=dppo|ppo selects the defaults)")
     iterations: int = _f(50, "training iterations (budget)")
     envs: int = _f(10, "parallel environments")
-    n_steps: int = _f(75, "action chunks per env per iteration (DPPO's n_steps)")
+    n_steps: Optional[int] = _f(75, "action chunks per env per iteration (DPPO's n_steps); null = one episode: "
+                                "ceil(max_episode_steps / act_steps) of the env")
     max_episode_steps: Optional[int] = _f(None, "episode length limit in env steps (None = the task's)")
     terminate_on_success: bool = _f(True, "robosuite: end an episode when the task succeeds (reward 1 at that step)")
+    truncation_as_terminal: bool = _f(False, "treat a time-limit end as terminal: no bootstrap from V(final obs) "
+                                      "(DPPO's furniture wrapper, ResiP truncation_as_done; default: bootstrap)")
+    obs_clip: Optional[float] = _f(None, "clamp the normalized low-dim observation to +-obs_clip before the policy and "
+                                   "critic (DPPO furniture 5, ResiP 3; None = off); stored in the checkpoint's meta")
+    raw_obs_clip: Optional[float] = _f(None, "clamp the raw low-dim observation to +-raw_obs_clip before normalizing "
+                                       "(ResiP furniture 3; None = off); stored in the checkpoint's meta")
+    furniture: FurnitureOptions = _f(factory=lambda: FurnitureOptions(), help="FurnitureBench env options (recorded in "
+                                     "the run's env_args)")
     simulator: Optional[str] = _f(None, "FurnitureBench: isaacgym | fake (the CPU fake) instead of the checkpoint's "
                                   "env_args.env_kwargs.simulator (None = as recorded; the run records its choice)")
     reset_at_iteration: bool = _f(True, "reset every env at the start of each iteration (exact resume; the cut is bootstrapped)")
@@ -211,7 +232,10 @@ class FinetuneConfig:
         for key, value in (("iterations", self.iterations), ("envs", self.envs), ("n_steps", self.n_steps),
                            ("eval_episodes", self.eval_episodes), ("agent.update_epochs", a.update_epochs),
                            ("agent.batch_size", a.batch_size),
-                           ("agent.horizon_steps", a.horizon_steps), ("agent.act_steps", a.act_steps)):
+                           ("agent.horizon_steps", a.horizon_steps), ("agent.act_steps", a.act_steps),
+                           ("furniture.max_env_steps", self.furniture.max_env_steps)):
+            if value is None and key in ("n_steps", "agent.batch_size", "furniture.max_env_steps"):
+                continue  # derived (see their help)
             if int(value) < 1:
                 raise DpftError("%s=%s must be >= 1." % (key, value))
         for key, value in (("eval_every", self.eval_every), ("save_every", self.save_every),
@@ -238,6 +262,16 @@ class FinetuneConfig:
         if not 0.0 < float(a.ddim_eta) <= 1.0:
             raise DpftError("agent.ddim_eta=%s must be in (0, 1]: PPO needs a stochastic DDIM sampler (DPPO: 1)."
                             % a.ddim_eta)
+        for key, value in (("obs_clip", self.obs_clip), ("raw_obs_clip", self.raw_obs_clip)):
+            if value is not None and not float(value) > 0:
+                raise DpftError("%s=%s must be > 0 or null (off)." % (key, value))
+        if self.obs_clip is not None and a.obs_norm:
+            raise DpftError("obs_clip=%s with agent.obs_norm=true: the clamp would act before the running "
+                            "observation normalization, which the saved policy folds into its normalizer; use one "
+                            "of them." % (self.obs_clip,))
+        if a.batch_size is None and a.name == "idql":
+            raise DpftError("agent.batch_size=null is derived for the on-policy agents only; agent=idql needs a "
+                            "replay minibatch size (DPPO: 1000).")
         if a.name == "idql":
             from dpft.rl.idql import settings_from_agent_config
 
@@ -264,4 +298,4 @@ class FinetuneConfig:
 RESUME_MAY_CHANGE = ("iterations", "save_every", "eval_every", "keep_checkpoints", "device", "num_threads",
                      "logger", "wandb_project", "wandb_mode", "progress", "resume", "overwrite", "out", "checkpoint")
 
-__all__ = ["AgentConfig", "InrilConfig", "CairConfig", "CmilConfig", "FinetuneConfig", "AGENT_NAMES", "RESUME_MAY_CHANGE"]
+__all__ = ["AgentConfig", "FurnitureOptions", "InrilConfig", "CairConfig", "CmilConfig", "FinetuneConfig", "AGENT_NAMES", "RESUME_MAY_CHANGE"]
