@@ -258,7 +258,8 @@ def test_a_reset_episode_starts_with_the_open_gripper_command():
     np.testing.assert_allclose(closed, 0.0325, atol=1e-6)  # half-way from 0.065 to 0
     chunk[..., 9] = 0.01  # inside the margin: keep the current command
     for reset in (lambda: env.reset(seeds=[0, 0]),  # full reset (iteration boundary)
-                  lambda: [env.step(chunk) for _ in range(2)]):  # auto-reset at the time limit (3 steps)
+                  lambda: env.step(chunk)):  # the episode's 3rd step: auto-reset at the time limit
+        # (the fake stores every step's command as the fork does, so the measured step must be the new episode's first)
         env.step(np.concatenate([chunk[..., :9], np.ones((2, 1, 1), np.float32)], -1))  # close again
         reset()
         width = env.step(chunk).obs["robot_state"][:, -1, 15]
