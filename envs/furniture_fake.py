@@ -45,7 +45,8 @@ What is fake (deliberately cheap and deterministic):
   position (a reset env's command is its reset pose), velocities unchanged;
 * assembly: pair ``(a, b)`` becomes assembled when the end effector comes within
   :data:`REACH_THRESHOLD` of part ``b``'s position; part ``b`` then snaps onto part ``a`` (+ 3 cm in z);
-* frames: parts, obstacle and end effector share one frame (the fork reports parts in the AprilTag frame);
+* frames: parts and end effector share one frame (the fork reports parts in the AprilTag frame); the
+  obstacle starts at the fork's nominal AprilTag-frame pose (``OBSTACLE_FRONT_NOMINAL_POSE``) plus the offset;
 * no cameras: image observation keys and ``record=True`` raise ValueError;
 * stricter observation keys: an unknown key raises ValueError at construction; the fork does not call
   ``observation_space`` in ``__init__`` and its ``get_observation`` ignores unknown keys;
@@ -64,7 +65,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from dpft.envs.furniture import DEFAULT_STATE_OBS, TASKS
+from dpft.envs.furniture import DEFAULT_STATE_OBS, OBSTACLE_FRONT_NOMINAL_POSE, TASKS
 from dpft.envs.rotation import (
     axis_angle_to_quat_xyzw,
     quat_conjugate,
@@ -98,7 +99,7 @@ _RANDOMNESS = {"low": (0.2, 0.007, 0.02), "med": (0.5, 0.01, 0.04), "high": (0.7
 _PART_POS_NOISE = {"low": 0.015, "med": 0.03, "high": 0.045}
 _EE_HOME = (0.45, 0.0, 0.25)
 _EE_HOME_QUAT = (1.0, 0.0, 0.0, 0.0)  # xyzw: gripper pointing down (pi about x)
-_OBSTACLE_HOME = (0.75, 0.0, 0.015, 0.0, 0.0, 0.70710678, 0.70710678)
+_OBSTACLE_HOME = OBSTACLE_FRONT_NOMINAL_POSE  # the fork's nominal pose in the AprilTag frame (before the offset)
 
 
 def _base_env_arguments(
