@@ -23,7 +23,9 @@ Deviations from ResiP (and why):
 * reward scaling: the shared ``RunningRewardScaler`` (std of the discounted return, DPPO/CleanRL, reset at
   iteration-boundary env resets) with ``reward_clip`` (ResiP: 5), instead of ResiP's running std of the per-step
   reward updated during evaluation too (``rl_recipes.md`` 4.3 and 7.8);
-* time limits are truncations bootstrapped from ``V(final obs)`` (ResiP treats them as terminal);
+* time limits are truncations bootstrapped from ``V(final obs)`` (ResiP treats them as terminal), unless
+  ``truncation_as_terminal=true`` (the ``residual_ppo_furniture`` preset); ResiP also makes every step after a
+  success terminal (its ``done`` is sticky), which dpft does not;
 * learning rates are constant or linear (``lr_schedule``), not cosine; AdamW epsilon is torch's default
   (ResiP 1e-5); gradients are clipped jointly over actor and critic as in ResiP;
 * the KL stop skips the step that crosses ``target_kl`` (ResiP applies it, then stops);
