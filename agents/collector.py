@@ -9,7 +9,8 @@ success, and the observation history before auto-reset (``final_obs``). The coll
 * whatever the agent's ``act`` returned for training (DPPO: ``chain (T, N, K'+1, Ta, Da)`` and ``logprob``;
   PPO: ``action`` and ``logprob``) -- old log-probs come from the sampler itself, never recomputed;
 * ``reward``, ``terminated`` (task end, or an episode cut by an env fault: never bootstrapped; with
-  ``truncation_as_terminal`` also every time-limit end, as DPPO's furniture wrapper and ResiP do), ``truncated``;
+  ``truncation_as_terminal`` also every time-limit end, as DPPO's furniture wrapper and ResiP do; with
+  ``success_as_terminal`` every step from the task's success on, ResiP's sticky ``done``), ``truncated``;
 * ``values (T, N)`` and ``next_values (T, N)``: ``V(obs after step t)``, which for an episode that ended at
   ``t`` is ``V(final_obs)`` (the truncation bootstrap), never the reset observation of the next episode.
 
@@ -85,11 +86,13 @@ class OnPolicyCollector:
     ``env_action(act_out) -> np.ndarray (N, act_steps, Da)`` and ``value(model_obs) -> (N,)``.
     """
 
-    def __init__(self, env: Any, agent: Any, truncation_as_terminal: bool = False):
+    def __init__(self, env: Any, agent: Any, truncation_as_terminal: bool = False, success_as_terminal: bool = False):
         self.env = env
         self.agent = agent
         #: time-limit ends count as terminal (no bootstrap): DPPO's furniture wrapper, ResiP truncation_as_done
         self.truncation_as_terminal = bool(truncation_as_terminal)
+        #: every step from the task's success on is terminal while the episode runs on (ResiP's sticky done)
+        self.success_as_terminal = bool(success_as_terminal)
         self.raw_obs = None  # type: Any
         self._ep_return = np.zeros(env.num_envs)
         self._ep_length = np.zeros(env.num_envs, dtype=np.int64)
@@ -147,6 +150,8 @@ class OnPolicyCollector:
             term[t] = np.logical_or(terminated, failed | bad)
             if self.truncation_as_terminal:
                 term[t] |= truncated
+            if self.success_as_terminal:
+                term[t] |= success
             trunc[t] = np.logical_and(truncated, ~term[t])
             rows = np.nonzero(done)[0]
             if len(rows):

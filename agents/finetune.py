@@ -213,7 +213,8 @@ class Finetuner:
         from dpft.agents.collector import OnPolicyCollector
 
         self.collector = OnPolicyCollector(self.env, self.agent,
-                                           truncation_as_terminal=bool(c.truncation_as_terminal))
+                                           truncation_as_terminal=bool(c.truncation_as_terminal),
+                                           success_as_terminal=bool(c.success_as_terminal))
         from dpft.agents.inril import build_inril  # (H-inril) IN-RIL / CAIR / alignment monitor plug-in
 
         if self.dp is not None and int(c.inril.monitor_every):  # (H-ddp) IN-RIL/CAIR were refused above

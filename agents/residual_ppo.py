@@ -25,7 +25,7 @@ Deviations from ResiP (and why):
   reward updated during evaluation too (``rl_recipes.md`` 4.3 and 7.8);
 * time limits are truncations bootstrapped from ``V(final obs)`` (ResiP treats them as terminal), unless
   ``truncation_as_terminal=true`` (the ``residual_ppo_furniture`` preset); ResiP also makes every step after a
-  success terminal (its ``done`` is sticky), which dpft does not;
+  success terminal (its ``done`` is sticky): ``success_as_terminal=true`` (that preset too);
 * learning rates are constant or linear (``lr_schedule``), not cosine; AdamW epsilon is torch's default
   (ResiP 1e-5); gradients are clipped jointly over actor and critic as in ResiP;
 * the KL stop skips the step that crosses ``target_kl`` (ResiP applies it, then stops);

@@ -78,6 +78,33 @@ def test_truncation_as_terminal_gives_the_hand_computed_gae_targets(as_terminal)
         np.testing.assert_allclose(ret[:, 0].numpy()[1], 1.0, rtol=1e-6)
 
 
+class _SuccessEnv(_Env):
+    """Reward 1 at step 2 (the task succeeds and stays successful), time limit at step 4."""
+
+    def step(self, action):
+        self.t += 1
+        obs = {"state": np.full((1, 1, 1), float(self.t), np.float32)}
+        return StepResult(obs=obs, reward=np.array([1.0 if self.t == 2 else 0.0]), terminated=np.zeros(1, bool),
+                          truncated=np.array([self.t == 4]), success=np.array([self.t >= 2]), final_obs=obs,
+                          info={"steps": np.ones(1, np.int64)})
+
+
+def test_success_as_terminal_makes_every_step_after_success_terminal_like_resip():
+    from dpft.agents.collector import OnPolicyCollector
+    from dpft.rl.returns import gae
+
+    col = OnPolicyCollector(_SuccessEnv(), _Agent(), truncation_as_terminal=True, success_as_terminal=True)
+    col.reset([0])
+    ro = col.collect(4)
+    assert ro.terminated[:, 0].tolist() == [False, True, True, True]
+    assert not bool(ro.truncated.any())
+    g, lam, v = 0.9, 0.5, 0.5
+    adv, _ = gae(ro.reward, ro.values, ro.next_values, ro.terminated, ro.truncated, g, lam)
+    # ResiP's GAE by hand: steps 2-4 are terminal (delta = r - V), step 1 bootstraps V and adds g lam A_2
+    a2, a3 = 1 - v, 0 - v
+    np.testing.assert_allclose(adv[:, 0].numpy(), [0 + g * v - v + g * lam * a2, a2, a3, a3], rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ observation clamps
 def _policy(**meta_extra):
     from dpft.normalization import MinMaxNormalizer
@@ -172,7 +199,7 @@ def test_presets_run_lamp_and_round_table_to_their_time_limit(tmp_path, agent, t
         assert kw["truncate_at_chunk_end"] is True and kw["max_env_steps"] is None
     else:  # one env step per RL step: 1000 steps, all in one minibatch; ResiP's clamps and lamp bulb hold
         assert meta["derived_settings"] == {"n_steps": 1000, "agent.batch_size": 2000}
-        assert meta["obs_clip"] == 3.0 and meta["raw_obs_clip"] == 3.0
+        assert meta["obs_clip"] == 3.0 and meta["raw_obs_clip"] == 3.0 and cfg.success_as_terminal is True
         assert kw["max_env_steps"] == 100000000
     train = recs[-1]
     assert train["env_steps"] == 2 * 1000

@@ -165,6 +165,8 @@ class FinetuneConfig:
     terminate_on_success: bool = _f(True, "robosuite: end an episode when the task succeeds (reward 1 at that step)")
     truncation_as_terminal: bool = _f(False, "treat a time-limit end as terminal: no bootstrap from V(final obs) "
                                       "(DPPO's furniture wrapper, ResiP truncation_as_done; default: bootstrap)")
+    success_as_terminal: bool = _f(False, "with terminate_on_success=false: every step from the task's success on "
+                                   "is terminal while the episode runs on (ResiP's sticky done; default: off)")
     obs_clip: Optional[float] = _f(None, "clamp the normalized low-dim observation to +-obs_clip before the policy and "
                                    "critic (DPPO furniture 5, ResiP 3; None = off); stored in the checkpoint's meta")
     raw_obs_clip: Optional[float] = _f(None, "clamp the raw low-dim observation to +-raw_obs_clip before normalizing "
