@@ -219,7 +219,7 @@ def cmd_demos(args: List[str]) -> int:
     summary = make_demos(
         task=cfg.task or "lift", num=cfg.num, out=cfg.out, seed=cfg.seed, noise=cfg.noise, image_obs=cfg.image_obs,
         camera_size=cfg.camera_size, keep_failures=cfg.keep_failures, valid_ratio=cfg.valid_ratio,
-        max_steps=cfg.max_episode_steps, progress=cfg.progress,
+        max_steps=cfg.max_episode_steps, progress=cfg.progress, overwrite=cfg.overwrite,
     )
     print(f"wrote {summary.get('kept')} demos ({summary.get('samples')} samples) to {cfg.out}; "
           f"expert success {summary.get('success_rate', float('nan')):.0%} over {summary.get('attempted')} attempts")
@@ -235,6 +235,7 @@ def _record_policy_demos(cfg) -> int:
         deterministic=cfg.deterministic, noise=cfg.noise, keep_failures=cfg.keep_failures, min_return=cfg.min_return,
         max_episode_steps=cfg.max_episode_steps, image_obs=cfg.image_obs, camera_size=cfg.camera_size,
         valid_ratio=cfg.valid_ratio, weights=cfg.weights, device=cfg.device, progress=cfg.progress,
+        overwrite=cfg.overwrite,
     )
     print(f"wrote {s['kept']} demos ({s['samples']} samples) of {s['env_name']} to {s['path']}; mean return "
           f"{s['mean_return']:.3f}, {s['kept']} kept of {s['attempted']} episodes (success {s['success_rate']:.0%})")
@@ -263,7 +264,7 @@ def cmd_rollout(args: List[str]) -> int:
         cfg.checkpoint, episodes=cfg.episodes, num_envs=cfg.envs or None, seed=cfg.seed,
         video=(cfg.videos or True) if cfg.video else 0, out_dir=out, weights=cfg.weights,
         device=cfg.device, deterministic=cfg.deterministic, progress=cfg.progress, env_options=env_options,
-        video_size=(cfg.video_size, cfg.video_size), camera=cfg.camera, verify=cfg.verify,
+        video_size=(cfg.video_size, cfg.video_size), camera=cfg.camera, verify=cfg.verify, overwrite=cfg.overwrite,
     )
     return 0
 
