@@ -301,3 +301,45 @@ def test_every_file_of_a_run_follows_the_umask(tmp_path, data):
         os.umask(old)
     modes = {p: stat.S_IMODE(os.stat(os.path.join(run, p)).st_mode) for p in _tree(run)}
     assert modes and all(m == 0o644 for m in modes.values()), modes
+
+
+# ------------------------------------------------------------------------------------------------ 5. torchrun errors
+def test_error_under_torchrun_is_reported_once(tmp_path, monkeypatch, capsys):
+    from dpft.cli import report_error
+
+    attempt = tmp_path / "attempt_0"
+    for r in ("0", "1"):
+        (attempt / r).mkdir(parents=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(attempt / "0" / "error.json"))
+    report_error("dpft pretrain: error: bad dataset")  # local rank 0: printed and recorded for torchrun
+    assert capsys.readouterr().err == "dpft pretrain: error: bad dataset\n"
+    assert json.loads((attempt / "0" / "error.json").read_text())["message"]["message"] == \
+        "dpft pretrain: error: bad dataset"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(attempt / "1" / "error.json"))
+    report_error("dpft pretrain: error: bad dataset", wait_s=0.5)  # the same error on rank 1: silent
+    assert capsys.readouterr().err == "" and not (attempt / "1" / "error.json").exists()
+    report_error("dpft pretrain: error: rank 1 only", wait_s=0.5)  # its own error: never lost
+    assert capsys.readouterr().err == "dpft pretrain: error: rank 1 only\n"
+    assert json.loads((attempt / "1" / "error.json").read_text())["message"]["message"] == \
+        "dpft pretrain: error: rank 1 only"
+
+
+@pytest.mark.slow  # three processes importing torch: ~20 s on a loaded 2-core machine
+def test_torchrun_prints_a_dpft_error_once(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "dpft.cli", "pretrain", "dataset=%s" % (tmp_path / "missing.hdf5"),
+                        "out=%s" % (tmp_path / "out")], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode != 0
+    msg = "dpft pretrain: error: Dataset file '%s' does not exist" % (tmp_path / "missing.hdf5")
+    assert [line for line in p.stderr.splitlines() if line.startswith(msg)] != []
+    assert len([line for line in p.stderr.splitlines() if line.startswith(msg)]) == 1, p.stderr
+    assert "traceback : " + msg in p.stderr  # torchrun's summary names dpft's message, not a link
