@@ -24,8 +24,8 @@ a model (``dpft pretrain`` uses ``kind="pretrain"``, fine-tuning ``kind="finetun
 6. writes the marker ``PATH/run.json`` (``{"kind", "dpft_version", "created"}``).
 
 Commands that write a result file or folder rather than a run (``dpft rollout`` into ``out=``, ``dpft demos`` into
-``out=FILE.hdf5``) use :func:`open_output_dir` / :func:`lock_output_file`: the same lock, and existing outputs
-are refused unless ``overwrite=true``.
+``out=FILE.hdf5``) use :func:`open_output_dir` / :func:`lock_output_file`: the same lock (its file removed when
+released, so nothing is left beside the outputs), and existing outputs are refused unless ``overwrite=true``.
 
 Directories written by dpft before ``run.json`` existed are recognized by their layout (``known_entries``)
 and adopted. The lock is advisory and needs a local file system that supports ``flock`` (most network file
@@ -95,22 +95,29 @@ class RunDir:
     resumed, or restarted before its first checkpoint), ``info`` (run.json). Release with :meth:`close`
     (or use as a context manager); the OS releases it when the process ends."""
 
-    def __init__(self, path: str, kind: str, existed: bool, info: Dict[str, Any], lock_fd: Optional[int]):
+    def __init__(self, path: str, kind: str, existed: bool, info: Dict[str, Any], lock_fd: Optional[int],
+                 remove_lock: Optional[str] = None):
         self.path = path
         self.kind = kind
         self.existed = existed
         self.info = info
         self._fd = lock_fd
+        self._remove_lock = remove_lock  # an output's lock file, deleted (while still held) on close
 
     @property
     def locked(self) -> bool:
         return self._fd is not None
 
     def close(self) -> None:
-        """Release the lock (idempotent). The lock file stays: deleting it would let two runs lock different
-        files of the same name."""
+        """Release the lock (idempotent). A run's lock file stays; an output's (``dpft rollout``/``dpft demos``) is
+        deleted first, which is safe because a locker retries when the file it locked was unlinked meanwhile."""
         fd, self._fd = self._fd, None
         if fd is not None:
+            if self._remove_lock is not None:  # safe: a locker checks that the file it locked is still linked
+                try:
+                    os.remove(self._remove_lock)
+                except OSError:
+                    pass
             try:
                 import fcntl
 
@@ -168,7 +175,15 @@ def _lock(path: str, option: str) -> Optional[int]:
     return _lock_file(os.path.join(path, LOCK_FILE), path, option)
 
 
-def _lock_file(lock_path: str, path: str, option: str) -> Optional[int]:
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _lock_file(lock_path: str, path: str, option: str, _tries: int = 20) -> Optional[int]:
     """Open and exclusively flock ``lock_path`` (the lock of ``path``) and write this process's pid into it."""
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -181,6 +196,12 @@ def _lock_file(lock_path: str, path: str, option: str) -> Optional[int]:
         return fd
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _same_file(fd, lock_path):  # unlinked by its previous holder after we opened it: lock the new one
+            os.close(fd)
+            if _tries > 0:
+                return _lock_file(lock_path, path, option, _tries - 1)
+            raise DpftError("%s='%s' is in use by other dpft processes (its lock '%s' keeps being replaced). Wait for "
+                            "them to finish, or choose another %s=." % (option, path, lock_path, option))
     except OSError as e:
         holder = _read_holder(fd)
         os.close(fd)
@@ -397,8 +418,9 @@ def open_output_dir(path: Any, existing: Callable[[str], List[str]], overwrite: 
                     command: str = "dpft rollout") -> RunDir:
     """Lock the output directory ``path`` of a command that writes results rather than a run (``dpft rollout``):
     created and write-checked, then locked as :func:`open_run_dir` locks a run (a second process writing there
-    gets a DpftError naming the holder). ``existing(path)`` lists the earlier outputs found there (absolute file
-    paths); they are refused unless ``overwrite=true``, which deletes exactly those files (nothing else).
+    gets a DpftError naming the holder; ``.dpft.lock`` is removed when released). ``existing(path)`` lists the
+    earlier outputs found there (absolute file paths); they are refused unless ``overwrite=true``, which deletes
+    exactly those files (nothing else).
     Returns the lock (a :class:`RunDir` of kind ``"output"``; close it when the outputs are written)."""
     path = check_writable_dir(path, option)
     fd = _lock(path, option)
@@ -416,7 +438,7 @@ def open_output_dir(path: Any, existing: Callable[[str], List[str]], overwrite: 
             except OSError as e:
                 raise DpftError("overwrite=true: cannot delete '%s' of %s='%s': %s." % (f, option, path,
                                                                                         _os_reason(e))) from None
-        return RunDir(path, "output", bool(found), {"kind": "output"}, fd)
+        return RunDir(path, "output", bool(found), {"kind": "output"}, fd, remove_lock=os.path.join(path, LOCK_FILE))
     except BaseException:
         if fd is not None:
             os.close(fd)
@@ -431,7 +453,7 @@ def output_lock_path(path: str) -> str:
 def lock_output_file(path: Any, overwrite: bool, option: str = "out", command: str = "dpft demos") -> RunDir:
     """Lock the output file ``path`` of a command that writes one file (``dpft demos``): its directory is created
     and write-checked, ``<dir>/.<name>.lock`` is locked (a second process writing the same file gets a DpftError
-    naming the holder), and an existing file is refused unless ``overwrite=true`` (the caller then replaces it
+    naming the holder; the lock file is removed when released), and an existing file is refused unless ``overwrite=true`` (the caller then replaces it
     atomically when the new file is complete, so the old one stays until then). Returns the lock (a
     :class:`RunDir` of kind ``"output"`` whose ``path`` is the file)."""
     path = os.path.abspath(os.path.expanduser(str(path)))
@@ -446,7 +468,7 @@ def lock_output_file(path: Any, overwrite: bool, option: str = "out", command: s
             raise DpftError("%s='%s' already exists; %s does not replace it without overwrite=true. Pass "
                             "overwrite=true to replace it, or choose another %s= file." % (option, path, command,
                                                                                           option))
-        return RunDir(path, "output", existed, {"kind": "output"}, fd)
+        return RunDir(path, "output", existed, {"kind": "output"}, fd, remove_lock=output_lock_path(path))
     except BaseException:
         if fd is not None:
             os.close(fd)
