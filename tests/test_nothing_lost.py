@@ -111,6 +111,19 @@ def test_resume_refuses_a_start_run_re_pretrained_in_place(tmp_path, data):
         _finetune(ft, "checkpoint=%s" % a, "resume=true", "iterations=2")
 
 
+def test_resume_before_the_first_checkpoint_is_bound_too(tmp_path, data):
+    from dpft.agents.finetune import Finetuner
+    from dpft.cli import _with_preset
+
+    a = _pretrain(data, tmp_path / "a", "seed=0")
+    b = _pretrain(data, tmp_path / "b", "seed=1")
+    ft = tmp_path / "ft"
+    Finetuner(compose("finetune", _with_preset(["out=%s" % ft, "checkpoint=%s" % a] + TINY_FT))).close()  # "killed"
+    assert (ft / "start_checkpoint.json").is_file() and not (ft / "checkpoints").exists()
+    with pytest.raises(DpftError, match=r"started from checkpoint '%s/.*recorded in %s" % (a, ft / "start_checkpoint.json")):
+        _finetune(ft, "checkpoint=%s" % b, "resume=true")
+
+
 def test_same_content_at_another_path_resumes_with_a_note(tmp_path, data, capsys):
     import shutil
 
@@ -231,6 +244,16 @@ def test_cli_rollout_twice_into_the_same_out(tmp_path, run, capsys):
     assert "already holds the outputs of an earlier dpft rollout" in capsys.readouterr().err
     assert (tmp_path / "r" / "result.json").read_bytes() == first
     assert main(args + ["overwrite=true"]) == 0
+    from dpft.envs.rollout import prepare_out_dir
+
+    held = prepare_out_dir(str(tmp_path / "r"), overwrite=True)  # a rollout running there now (its old result gone)
+    try:
+        assert main(args + ["overwrite=true"]) == 2
+        assert "out='%s' is in use by another dpft run (process %d holds" % (tmp_path / "r", os.getpid()) in \
+            capsys.readouterr().err
+    finally:
+        held.close()
+    assert ".dpft.lock" not in os.listdir(str(tmp_path / "r"))  # no lock file left behind
 
 
 def test_concurrent_rollout_into_one_out_fails_naming_the_holder(tmp_path):
