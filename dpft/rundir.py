@@ -385,9 +385,9 @@ def open_run_dir(path: Any, kind: str, resume: bool, overwrite: bool = False, op
                 _wipe(path, option)
                 existed, info = False, None
             elif clashes:
-                raise DpftError("%s='%s' holds this command's own input (%s): a run cannot be written into the "
-                                "directory it reads from. Choose another %s= directory." % (
-                                    option, path, ", ".join(clashes), option))
+                raise DpftError("%s='%s' holds this command's own input: %s. A run cannot be written into the "
+                                "directory it reads from; choose another %s= directory." % (
+                                    option, path, " and ".join(clashes), option))
             elif old_kind != kind:
                 raise DpftError("%s='%s' holds a dpft %s run; a %s run needs its own directory. Choose another %s= "
                                 "(or pass overwrite=true to delete that run)." % (option, path, old_kind, kind, option))

@@ -145,7 +145,8 @@ def test_finetune_out_equal_to_its_checkpoint_is_refused_and_never_suggests_over
                                         r"out= directory itself\)" % a):
         _finetune(a, "checkpoint=%s" % a, "overwrite=true")
     assert _tree(a) == before
-    with pytest.raises(DpftError, match=r"out='%s' holds this command's own input \(checkpoint='%s'" % (a, a)) as e:
+    with pytest.raises(DpftError, match=r"out='%s' holds this command's own input: checkpoint='%s' \(the out= directory "
+                                        r"itself\). A run cannot be written into the directory it reads from" % (a, a)) as e:
         _finetune(a, "checkpoint=%s" % a)
     assert "overwrite" not in str(e.value)
     assert main(["finetune", "checkpoint=%s" % a, "out=%s" % a, "overwrite=true"] + TINY_FT) == 2
