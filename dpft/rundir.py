@@ -238,7 +238,8 @@ def _read_holder(fd: int) -> str:
 
 def _inside(child: str, parent: str) -> bool:
     """True when ``child`` is ``parent`` or lies below it (compared as given and with links resolved)."""
-    for c, p in ((os.path.abspath(child), os.path.abspath(parent)), (os.path.realpath(child), os.path.realpath(parent))):
+    pairs = ((os.path.abspath(child), os.path.abspath(parent)), (os.path.realpath(child), os.path.realpath(parent)))
+    for c, p in pairs:
         if c == p or c.startswith(p.rstrip(os.sep) + os.sep):
             return True
     return False
@@ -415,12 +416,12 @@ def _describe_paths(paths: List[str], limit: int = 4) -> str:
 
 
 def open_output_dir(path: Any, existing: Callable[[str], List[str]], overwrite: bool, option: str = "out",
-                    command: str = "dpft rollout") -> RunDir:
+                    command: str = "dpft rollout", delete: bool = True) -> RunDir:
     """Lock the output directory ``path`` of a command that writes results rather than a run (``dpft rollout``):
     created and write-checked, then locked as :func:`open_run_dir` locks a run (a second process writing there
     gets a DpftError naming the holder; ``.dpft.lock`` is removed when released). ``existing(path)`` lists the
     earlier outputs found there (absolute file paths); they are refused unless ``overwrite=true``, which deletes
-    exactly those files (nothing else).
+    exactly those files (nothing else; ``delete=False`` only checks, e.g. before the work is known to start).
     Returns the lock (a :class:`RunDir` of kind ``"output"``; close it when the outputs are written)."""
     path = check_writable_dir(path, option)
     fd = _lock(path, option)
@@ -430,7 +431,7 @@ def open_output_dir(path: Any, existing: Callable[[str], List[str]], overwrite: 
             raise DpftError("%s='%s' already holds the outputs of an earlier %s: %s. Pass overwrite=true to replace "
                             "them, or choose another %s= directory." % (option, path, command,
                                                                       _describe_paths(found), option))
-        for f in found:
+        for f in (found if delete else []):
             try:
                 os.remove(f)
             except FileNotFoundError:
@@ -453,8 +454,9 @@ def output_lock_path(path: str) -> str:
 def lock_output_file(path: Any, overwrite: bool, option: str = "out", command: str = "dpft demos") -> RunDir:
     """Lock the output file ``path`` of a command that writes one file (``dpft demos``): its directory is created
     and write-checked, ``<dir>/.<name>.lock`` is locked (a second process writing the same file gets a DpftError
-    naming the holder; the lock file is removed when released), and an existing file is refused unless ``overwrite=true`` (the caller then replaces it
-    atomically when the new file is complete, so the old one stays until then). Returns the lock (a
+    naming the holder; the lock file is removed when released), and an existing file is refused unless
+    ``overwrite=true`` (the caller then replaces it atomically when the new file is complete, so the old one stays
+    until then). Returns the lock (a
     :class:`RunDir` of kind ``"output"`` whose ``path`` is the file)."""
     path = os.path.abspath(os.path.expanduser(str(path)))
     if os.path.isdir(path):
@@ -476,4 +478,5 @@ def lock_output_file(path: Any, overwrite: bool, option: str = "out", command: s
 
 
 __all__ = ["RunDir", "open_run_dir", "open_output_dir", "lock_output_file", "protected_paths", "nested_runs",
-           "input_clashes", "check_writable_dir", "read_run_info", "is_run_dir", "RUN_MARKER", "LOCK_FILE", "RUN_ENTRIES"]
+           "input_clashes", "check_writable_dir", "read_run_info", "is_run_dir", "RUN_MARKER", "LOCK_FILE",
+           "RUN_ENTRIES"]

@@ -507,17 +507,18 @@ def earlier_outputs(out_dir: str) -> List[str]:
     return found
 
 
-def prepare_out_dir(out_dir: Any, n_video: int = 0, overwrite: bool = False) -> Any:
+def prepare_out_dir(out_dir: Any, n_video: int = 0, overwrite: bool = False, delete: bool = True) -> Any:
     """Create ``out_dir`` (and ``out_dir/videos`` when videos are wanted), check both are writable before any
     episode runs, and lock ``out_dir`` (:func:`dpft.rundir.open_output_dir`: a second rollout into it is refused
     naming this process). The files of an earlier rollout there (``result.json``, ``videos/episode_*.mp4``) are
-    refused unless ``overwrite=True``, which deletes them (a result never sits beside another run's videos).
+    refused unless ``overwrite=True``, which deletes them (a result never sits beside another run's videos;
+    ``delete=False`` only checks, as :func:`rollout_checkpoint` does before loading the policy).
     Returns the lock (a :class:`dpft.rundir.RunDir`; ``.path`` is the directory): close it when done."""
     from dpft.rundir import check_writable_dir, open_output_dir
 
     out_dir = os.fspath(out_dir)
     check_writable_dir(out_dir, "rollout out")
-    lock = open_output_dir(out_dir, earlier_outputs, overwrite, option="out", command="dpft rollout")
+    lock = open_output_dir(out_dir, earlier_outputs, overwrite, option="out", command="dpft rollout", delete=delete)
     try:
         if n_video:
             check_writable_dir(os.path.join(out_dir, VIDEO_DIR), "rollout videos")
@@ -615,7 +616,7 @@ def rollout_checkpoint(
     import dpft
 
     if out_dir is not None:  # writable (videos/ too), free and unused before the policy is loaded and any episode runs
-        prepare_out_dir(out_dir, _num_videos(video, int(episodes)), overwrite).close()
+        prepare_out_dir(out_dir, _num_videos(video, int(episodes)), overwrite, delete=False).close()
 
     from dpft.checkpoint import verification
 
@@ -646,8 +647,8 @@ def rollout_checkpoint(
             info[name] = value
     if env_overrides:
         info["env_overrides"] = env_overrides
-    kw = dict(episodes=int(episodes), seed=seed, video=video, out_dir=out_dir, overwrite=overwrite, deterministic=deterministic,
-              progress=progress, policy_info=info, video_size=video_size, camera=camera)
+    kw = dict(episodes=int(episodes), seed=seed, video=video, out_dir=out_dir, overwrite=overwrite,
+              deterministic=deterministic, progress=progress, policy_info=info, video_size=video_size, camera=camera)
 
     from dpft.envs.registry import env_kind
 

@@ -120,7 +120,8 @@ def test_resume_before_the_first_checkpoint_is_bound_too(tmp_path, data):
     ft = tmp_path / "ft"
     Finetuner(compose("finetune", _with_preset(["out=%s" % ft, "checkpoint=%s" % a] + TINY_FT))).close()  # "killed"
     assert (ft / "start_checkpoint.json").is_file() and not (ft / "checkpoints").exists()
-    with pytest.raises(DpftError, match=r"started from checkpoint '%s/.*recorded in %s" % (a, ft / "start_checkpoint.json")):
+    with pytest.raises(DpftError, match=r"started from checkpoint '%s/.*recorded in %s"
+                                        % (a, ft / "start_checkpoint.json")):
         _finetune(ft, "checkpoint=%s" % b, "resume=true")
 
 
@@ -243,6 +244,19 @@ def test_cli_rollout_twice_into_the_same_out(tmp_path, run, capsys):
     first = (tmp_path / "r" / "result.json").read_bytes()
     assert main(args) == 2
     assert "already holds the outputs of an earlier dpft rollout" in capsys.readouterr().err
+    assert (tmp_path / "r" / "result.json").read_bytes() == first
+    import shutil
+
+    from dpft.checkpoint import find_latest
+
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(run, damaged)
+    with open(os.path.join(find_latest(damaged), "model.safetensors"), "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\0")
+    assert main([a if not a.startswith("checkpoint=") else "checkpoint=" + damaged for a in args]
+                + ["overwrite=true"]) == 2  # the policy fails to load: the earlier result stays
+    assert "model.safetensors" in capsys.readouterr().err
     assert (tmp_path / "r" / "result.json").read_bytes() == first
     assert main(args + ["overwrite=true"]) == 0
     from dpft.envs.rollout import prepare_out_dir
