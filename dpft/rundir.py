@@ -396,7 +396,8 @@ def open_run_dir(path: Any, kind: str, resume: bool, overwrite: bool = False, op
                 raise DpftError("%s='%s' already holds a %s run with checkpoints (newest: %s). Pass resume=true to "
                                 "continue it, overwrite=true to delete it and start over, or choose a new %s= "
                                 "directory." % (option, path, kind, os.path.basename(ckpts[-1]), option))
-            elif not ckpts:  # stopped before its first checkpoint: it starts over; keep what it logged
+            elif not ckpts and "checkpoints" in known_entries:  # a trainer's run stopped before its first
+                # checkpoint: it starts over; keep what it logged
                 kept = _keep_restarted_metrics(path)
                 print("dpft %s: note: %s='%s' holds a run that stopped before its first checkpoint; it starts over at "
                       "step 0%s." % (kind, option, path, (" (the metrics it logged are kept in '%s')"

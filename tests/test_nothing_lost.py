@@ -381,3 +381,14 @@ def test_torchrun_prints_a_dpft_error_once(tmp_path):
     assert [line for line in p.stderr.splitlines() if line.startswith(msg)] != []
     assert len([line for line in p.stderr.splitlines() if line.startswith(msg)]) == 1, p.stderr
     assert "traceback : " + msg in p.stderr  # torchrun's summary names dpft's message, not a link
+
+
+def test_quickstart_reopened_gets_no_restart_note(tmp_path, capsys):
+    from dpft.agents.quickstart import QUICKSTART_ENTRIES
+    from dpft.rundir import open_run_dir
+
+    out = tmp_path / "q"
+    open_run_dir(str(out), "quickstart", resume=False, known_entries=QUICKSTART_ENTRIES).close()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # not a trainer's run: nothing is moved or announced
+    open_run_dir(str(out), "quickstart", resume=False, known_entries=QUICKSTART_ENTRIES).close()
+    assert "note" not in capsys.readouterr().out and (out / "metrics.jsonl").exists()
