@@ -180,7 +180,8 @@ class CmilTrainer:
         if c.checkpoint and not os.path.exists(str(c.checkpoint)):
             raise DpftError("checkpoint='%s' does not exist; with agent=cmil it names a CMIL run whose encoder "
                             "initializes this one." % c.checkpoint)
-        self.run_dir = open_run_dir(c.out, kind="finetune", resume=c.resume, overwrite=c.overwrite)
+        self.run_dir = open_run_dir(c.out, kind="finetune", resume=c.resume, overwrite=c.overwrite,
+                                    inputs={"dataset": c.dataset, "checkpoint": c.checkpoint})
         self.out = self.run_dir.path
         self.env = None  # type: Any
         try:

@@ -129,6 +129,60 @@ def load_resume_checkpoint(out: str, agent: str, cfg_node: Any) -> Any:
     return ckpt
 
 
+def bind_start_checkpoint(checkpoint: str, out: str, resume: bool, write: bool = True) -> Optional[Dict[str, Any]]:
+    """The identity (:func:`dpft.checkpoint.checkpoint_identity`: path and sha256 of its weights, normalizer and
+    meta) of the checkpoint a fine-tuning run starts from, recorded in ``OUT/start_checkpoint.json`` (``write``) and
+    in every checkpoint's meta (``start_checkpoint``). With ``resume=true`` the identity recorded by the run (its
+    newest checkpoint's meta, else start_checkpoint.json) must match ``checkpoint=``: another checkpoint, or the
+    same path re-pretrained in place, is refused naming both. Returns the identity the run is bound to (None when
+    ``checkpoint`` cannot be read: loading it reports why)."""
+    import json
+    import sys
+
+    from dpft.checkpoint import (
+        START_CHECKPOINT_FILE,
+        check_start_checkpoint,
+        checkpoint_identity,
+        find_latest,
+        read_json,
+        resolve_checkpoint,
+        write_text_atomic,
+    )
+
+    try:
+        current = checkpoint_identity(resolve_checkpoint(checkpoint))
+    except (DpftError, OSError):
+        return None  # a missing or damaged checkpoint: loading it gives the precise message
+    record = os.path.join(out, START_CHECKPOINT_FILE)
+    if resume:
+        recorded, source = None, None  # type: Any, Any
+        latest = find_latest(out) if os.path.isdir(out) else None
+        if latest is not None:
+            try:
+                saved = read_json(os.path.join(latest, "meta.json")).get("start_checkpoint")
+            except (DpftError, AttributeError):
+                saved = None  # the resume itself reports a damaged meta.json
+            if isinstance(saved, dict):
+                recorded, source = saved, os.path.join(latest, "meta.json")
+        if recorded is None and os.path.isfile(record):
+            try:
+                recorded, source = read_json(record), record
+            except DpftError:
+                recorded = None
+        if isinstance(recorded, dict):
+            note = check_start_checkpoint(recorded, current, out, source)
+            if note and write:
+                print("dpft finetune: note: " + note, flush=True)
+            current = dict(recorded)
+        elif latest is not None and write:
+            print("dpft finetune: warning: the run in '%s' records no start-checkpoint identity (written by an older "
+                  "dpft), so checkpoint='%s' cannot be checked to be the one it started from." % (out, checkpoint),
+                  file=sys.stderr)
+    if write and not (resume and os.path.isfile(record)):
+        write_text_atomic(record, json.dumps(current, indent=1, sort_keys=True) + "\n")
+    return current
+
+
 class Finetuner:
     """Builds the policy, env and agent of a :class:`dpft.rl.config.FinetuneConfig` and runs the loop."""
 
@@ -160,10 +214,17 @@ class Finetuner:
                                 " resume=true rebuilds the policy from the checkpoint the run started from and then "
                                 "restores the run's own weights and training state, so that checkpoint must still "
                                 "exist (the run's meta.json names it as source_checkpoint)." if c.resume else "")))
-        self.run_dir = (open_run_dir(c.out, kind="finetune", resume=c.resume, overwrite=c.overwrite)
+        self.run_dir = (open_run_dir(c.out, kind="finetune", resume=c.resume, overwrite=c.overwrite,
+                                     inputs={"checkpoint": c.checkpoint, "inril.dataset": c.inril.dataset})
                         if self.rank0 else None)  # (H-ddp) rank 0 owns the run directory
         self.out = self.run_dir.path if self.run_dir is not None else os.path.abspath(os.path.expanduser(str(c.out)))
         self.env = None  # type: Any
+        try:  # the run is bound to its start checkpoint: resume refuses another one (or one changed in place)
+            self.start_identity = (bind_start_checkpoint(c.checkpoint, self.out, bool(c.resume), write=self.rank0)
+                                   if c.checkpoint else None)
+        except BaseException:
+            self.close()
+            raise
         self._pg_owned = False
         self.dp = None  # type: Any
         try:
@@ -395,6 +456,8 @@ class Finetuner:
         normalizer = a.export_obs_norm(self.policy.normalizer) if hasattr(a, "export_obs_norm") else self.policy.normalizer
         meta = dict(self.meta)
         meta["finetune"] = {"agent": self.cfg.agent.name, "iteration": self.iteration, "env_steps": self.env_steps}
+        if self.start_identity is not None:  # what resume=true checks checkpoint= against
+            meta["start_checkpoint"] = self.start_identity
         if hasattr(a, "export_meta"):  # agents whose checkpoint is another policy kind (IDQL: "idql" + critics)
             meta.update(a.export_meta())
         extra = a.extra_weights() if hasattr(a, "extra_weights") else None
@@ -671,4 +734,4 @@ def finetune(cfg: Any) -> str:
         trainer.close()
 
 
-__all__ = ["finetune", "Finetuner", "AGENTS", "env_seed", "plot_finetune_curves"]
+__all__ = ["finetune", "Finetuner", "bind_start_checkpoint", "AGENTS", "env_seed", "plot_finetune_curves"]

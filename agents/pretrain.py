@@ -35,7 +35,8 @@ through the normalizer statistics). The LR schedule is fixed when the run starts
 ``steps`` (``schedule_steps`` in step.json) and is never restarted. A smaller ``steps=`` stops early on that
 schedule; a larger one continues past its end at the final rate ``min_lr_ratio * lr`` and is refused when that
 rate is 0 (the default ``min_lr_ratio=0``), since the extra steps would not change the weights. ``resume=true``
-on a run killed before its first checkpoint starts at step 0.
+on a run killed before its first checkpoint starts at step 0 (a note says so; the metrics it logged are kept
+in ``metrics.restarted-<n>.jsonl``).
 
 Data parallel: launched under ``torchrun --nproc_per_node N -m dpft.cli pretrain ...`` (env ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``), each rank trains on ``batch_size // N`` samples per step (``batch_size`` is
@@ -174,7 +175,8 @@ class Pretrainer:
         self.rank0 = self.dist.rank == 0
         self._pg_owned = False
         # before any data or model work: out= is created, writable, ours (locked) and resumable as asked
-        self.run_dir = (open_run_dir(self.out, "pretrain", resume=bool(cfg.resume), overwrite=bool(cfg.overwrite))
+        self.run_dir = (open_run_dir(self.out, "pretrain", resume=bool(cfg.resume), overwrite=bool(cfg.overwrite),
+                                     inputs={"dataset": cfg.dataset})
                         if self.rank0 else None)  # type: Optional[RunDir]
         try:
             self._setup(cfg)
@@ -201,9 +203,7 @@ class Pretrainer:
         latest = ckpt_lib.find_latest(self.out) if os.path.isdir(self.out) and not cfg.overwrite else None
         self.schedule_steps = int(cfg.steps)
         if cfg.resume and latest is None:
-            if self.rank0:
-                print("dpft pretrain: resume=true but '%s' has no checkpoint yet (the run stopped before its first "
-                      "save); starting at step 0." % self.out, flush=True)
+            pass  # stopped before its first save: open_run_dir printed that it starts over (metrics kept)
         elif cfg.resume:
             try:
                 resume_ckpt = ckpt_lib.load_checkpoint(latest, training_state=True)

@@ -243,7 +243,8 @@ def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise
             reason = stages.why("demos", demo_inputs) if os.path.exists(data) else ""
             print(f"[1/{n_stages}] demonstrations: {demos} scripted Lift demos -> {data}" + (f" (re-run: {reason})" if reason else ""))
             stages.mark("demos", demo_inputs, complete=False)
-            make_demos(task="lift", num=demos, out=data, seed=seed, noise=noise)
+            make_demos(task="lift", num=demos, out=data, seed=seed, noise=noise,
+                       overwrite=True)  # quickstart's own file, re-made from other inputs
             stages.mark("demos", demo_inputs, complete=True)
 
         train_inputs = {"recipe": list(PRETRAIN_OVERRIDES), "steps": steps, "seed": seed,

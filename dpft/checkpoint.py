@@ -135,6 +135,13 @@ def _write_text(path: str, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process umask (read without changing it for good)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_tensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
     """Save a flat tensor dict as safetensors (moved to CPU; tensors sharing memory are copied) and fsync."""
     from safetensors.torch import save_file
@@ -155,6 +162,10 @@ def save_tensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optio
         else:
             ptrs[p] = k
     save_file(out, path, metadata=metadata)
+    try:  # safetensors creates the file 0600 whatever the umask: give it the mode open() would
+        os.chmod(path, default_file_mode())
+    except OSError:
+        pass
     _fsync_file(path)
 
 
@@ -531,6 +542,71 @@ def resolve_checkpoint(path: Any) -> str:
                     "(no %s or %s)." % (path, META_FILE, MODEL_FILE))
 
 
+# ---------------------------------------------------------------------------------------------- identity
+#: meta.json keys that change when the same checkpoint is written again (left out of its identity hash)
+_VOLATILE_META = ("created",)
+START_CHECKPOINT_FILE = "start_checkpoint.json"
+
+
+def checkpoint_identity(ckpt_dir: str) -> Dict[str, Any]:
+    """What a fine-tuning run is bound to: ``{"path": checkpoint dir, "step", "sha256": {file: hex}}`` with the
+    sha256 of every top-level ``*.safetensors`` (weights, EMA, normalizer, extra weights) and of meta.json's
+    content without its write time (so a deterministic re-save of the same weights is the same identity)."""
+    ckpt_dir = os.path.abspath(ckpt_dir)
+    sums = {}  # type: Dict[str, str]
+    for name in sorted(os.listdir(ckpt_dir)):
+        if name.endswith(".safetensors") and os.path.isfile(os.path.join(ckpt_dir, name)):
+            sums[name] = sha256_file(os.path.join(ckpt_dir, name))
+    meta = {}  # type: Dict[str, Any]
+    if os.path.isfile(os.path.join(ckpt_dir, META_FILE)):
+        meta = dict(_read_meta(ckpt_dir))
+        canon = json.dumps({k: v for k, v in meta.items() if k not in _VOLATILE_META}, sort_keys=True)
+        sums[META_FILE] = hashlib.sha256(canon.encode("utf-8")).hexdigest()
+    return {"path": ckpt_dir, "step": meta.get("step"), "sha256": sums}
+
+
+def identity_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> List[str]:
+    """The file names whose hashes differ between two :func:`checkpoint_identity` dicts (also files present in
+    only one of them)."""
+    a, b = dict(recorded.get("sha256") or {}), dict(current.get("sha256") or {})
+    return sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+
+
+def check_start_checkpoint(recorded: Mapping[str, Any], current: Mapping[str, Any], out: str,
+                           source: str) -> Optional[str]:
+    """Refuse (DpftError) resuming the run in ``out`` from another start checkpoint than the one it started from.
+
+    ``recorded``: the identity stored when the run started (``source`` names where it was read); ``current``: the
+    identity of the ``checkpoint=`` given now. Returns a note when the path differs but the content is the same
+    (a moved or copied checkpoint), else None."""
+    diffs = identity_differences(recorded, current)
+    rpath, cpath = str(recorded.get("path")), str(current.get("path"))
+    if not diffs:
+        if os.path.normpath(rpath) != os.path.normpath(cpath):
+            return ("checkpoint='%s' is not where the run started ('%s') but holds the same files (same sha256); "
+                    "continuing." % (cpath, rpath))
+        return None
+    what = ", ".join(diffs)
+    if os.path.normpath(rpath) == os.path.normpath(cpath):
+        raise DpftError(
+            "resume=true: the run in out='%s' started from checkpoint '%s', and that checkpoint has changed since "
+            "(%s differ from the sha256 recorded in %s; re-pretrained or overwritten in place?). Resuming would "
+            "pair the fine-tuned weights with another policy's normalizer and sampler. Restore that checkpoint, "
+            "or start a new fine-tuning run (a new out=) from the current one." % (out, rpath, what, source))
+    hint = ""
+    if os.path.isdir(rpath):
+        try:
+            if not identity_differences(recorded, checkpoint_identity(rpath)):
+                hint = " Pass checkpoint=%s to continue it." % rpath
+        except (OSError, DpftError):
+            pass
+    raise DpftError(
+        "resume=true: the run in out='%s' started from checkpoint '%s', but checkpoint= now resolves to '%s', a "
+        "different checkpoint (%s differ; recorded in %s). A run continues only from the checkpoint it started "
+        "from.%s To fine-tune '%s' instead, start a new run with a new out=."
+        % (out, rpath, cpath, what, source, hint, cpath))
+
+
 # ---------------------------------------------------------------------------------------------- reading
 def read_tensors(path: str, checksums: Optional[_Checksums] = None) -> Dict[str, torch.Tensor]:
     """Load a safetensors file to CPU tensors (DpftError naming a missing, damaged or checksum-failing file)."""
@@ -664,5 +740,6 @@ __all__ = [
     "find_latest", "list_checkpoints", "resolve_checkpoint", "prune_checkpoints", "clean_stale_tmp",
     "step_dir_name", "write_text_atomic", "save_tensors", "read_tensors", "read_json",
     "split_optimizer_state", "join_optimizer_state", "is_checkpoint_dir", "verification", "checksum_tree",
-    "sha256_file", "CHECKSUMS_KEY", "ChecksumError",
+    "sha256_file", "CHECKSUMS_KEY", "ChecksumError", "checkpoint_identity", "identity_differences",
+    "check_start_checkpoint", "START_CHECKPOINT_FILE", "default_file_mode",
 ]

@@ -219,7 +219,7 @@ def cmd_demos(args: List[str]) -> int:
     summary = make_demos(
         task=cfg.task or "lift", num=cfg.num, out=cfg.out, seed=cfg.seed, noise=cfg.noise, image_obs=cfg.image_obs,
         camera_size=cfg.camera_size, keep_failures=cfg.keep_failures, valid_ratio=cfg.valid_ratio,
-        max_steps=cfg.max_episode_steps, progress=cfg.progress,
+        max_steps=cfg.max_episode_steps, progress=cfg.progress, overwrite=cfg.overwrite,
     )
     print(f"wrote {summary.get('kept')} demos ({summary.get('samples')} samples) to {cfg.out}; "
           f"expert success {summary.get('success_rate', float('nan')):.0%} over {summary.get('attempted')} attempts")
@@ -235,6 +235,7 @@ def _record_policy_demos(cfg) -> int:
         deterministic=cfg.deterministic, noise=cfg.noise, keep_failures=cfg.keep_failures, min_return=cfg.min_return,
         max_episode_steps=cfg.max_episode_steps, image_obs=cfg.image_obs, camera_size=cfg.camera_size,
         valid_ratio=cfg.valid_ratio, weights=cfg.weights, device=cfg.device, progress=cfg.progress,
+        overwrite=cfg.overwrite,
     )
     print(f"wrote {s['kept']} demos ({s['samples']} samples) of {s['env_name']} to {s['path']}; mean return "
           f"{s['mean_return']:.3f}, {s['kept']} kept of {s['attempted']} episodes (success {s['success_rate']:.0%})")
@@ -263,7 +264,7 @@ def cmd_rollout(args: List[str]) -> int:
         cfg.checkpoint, episodes=cfg.episodes, num_envs=cfg.envs or None, seed=cfg.seed,
         video=(cfg.videos or True) if cfg.video else 0, out_dir=out, weights=cfg.weights,
         device=cfg.device, deterministic=cfg.deterministic, progress=cfg.progress, env_options=env_options,
-        video_size=(cfg.video_size, cfg.video_size), camera=cfg.camera, verify=cfg.verify,
+        video_size=(cfg.video_size, cfg.video_size), camera=cfg.camera, verify=cfg.verify, overwrite=cfg.overwrite,
     )
     return 0
 
@@ -297,6 +298,50 @@ COMMANDS: Dict[str, Callable[[List[str]], int]] = {
 }
 
 
+def _local_rank0_error_file(error_file: str) -> Optional[str]:
+    """torchrun gives worker ``i`` the error file ``<log dir>/attempt_<n>/<i>/error.json``: local rank 0's path."""
+    parent = os.path.dirname(error_file)
+    if os.path.basename(parent) != os.environ.get("LOCAL_RANK", ""):
+        return None
+    return os.path.join(os.path.dirname(parent), "0", os.path.basename(error_file))
+
+
+def report_error(text: str, wait_s: float = 5.0) -> None:
+    """Print a user error (one paragraph, no traceback) once, also under torchrun, where every rank meets the same
+    error: local rank 0 prints it and writes it to torchrun's error file (``TORCHELASTIC_ERROR_FILE``, so torchrun's
+    failure summary shows dpft's message instead of a link); another rank waits up to ``wait_s`` for local rank 0's
+    error file and stays silent when it holds the same message (torchrun stops the other workers once one has
+    failed), else it reports its own message the same way, so an error of one rank alone is never lost."""
+    import json
+    import time
+
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    try:
+        world = int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        world = 1
+    if not error_file or world <= 1:
+        print(text, file=sys.stderr)
+        return
+    first = _local_rank0_error_file(error_file)
+    if first is not None and os.path.abspath(first) != os.path.abspath(error_file):
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            try:
+                with open(first) as f:
+                    if json.load(f)["message"]["message"] == text:
+                        return  # local rank 0 reported this very error
+                break
+            except (OSError, ValueError, KeyError, TypeError):
+                time.sleep(0.1)
+    print(text, file=sys.stderr)
+    try:
+        with open(error_file, "w") as f:
+            json.dump({"message": {"message": text, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -314,7 +359,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return command(argv[1:]) or 0
     except DpftError as e:
-        print(f"dpft {argv[0]}: error: {e}", file=sys.stderr)
+        report_error(f"dpft {argv[0]}: error: {e}")
         return e.exit_code
     except KeyboardInterrupt:
         print(f"dpft {argv[0]}: interrupted", file=sys.stderr)

@@ -171,6 +171,7 @@ class DemosConfig:
                                    "the checkpoint's env (hopper, lift, ...)")
     num: int = _f(50, "successful demonstrations to write")
     out: Optional[str] = _f(None, "output HDF5 file (required)")
+    overwrite: bool = _f(False, "replace an existing out= file (it stays until the new one is complete)")
     seed: int = _f(0, "episode i uses seed + i")
     noise: float = _f(0.0, "imperfection level: 0 = clean expert, 0.3-1.0 = human-like noisy demos; with policy=: "
                            "std of Gaussian action noise in normalized action units")
@@ -211,6 +212,7 @@ class RolloutConfig:
     video: bool = _f(False, "write MP4 videos")
     videos: int = _f(4, "how many episodes to record when video=true (0 = all)")
     out: Optional[str] = _f(None, "output directory (default: RUN_DIR/rollout/step_XXXXXXXX of the evaluated checkpoint)")
+    overwrite: bool = _f(False, "replace the result.json and videos of an earlier rollout in out=")
     weights: str = _f("ema", "ema | model: which weights of the checkpoint to run")
     deterministic: bool = _f(True, "deterministic sampling (DDIM eta 0 / DDPM min std / Gaussian mean)")
     device: str = _f("cpu", "cpu | cuda | auto (policy inference device)")

@@ -115,10 +115,10 @@ def restore_rng_state(tensors: Mapping[str, torch.Tensor], info: Mapping[str, An
 def save_rng_state(directory: str, generators: Optional[Mapping[str, torch.Generator]] = None,
                    name: str = "rng", state: Optional[RngState] = None) -> None:
     """Write ``<name>.safetensors`` + ``<name>.json`` in ``directory`` (the current state unless ``state``)."""
-    from safetensors.torch import save_file
+    from dpft.checkpoint import save_tensors  # the file mode follows the umask
 
     tensors, info = state if state is not None else capture_rng_state(generators)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(directory, name + ".safetensors"))
+    save_tensors(os.path.join(directory, name + ".safetensors"), {k: v.contiguous() for k, v in tensors.items()})
     with open(os.path.join(directory, name + ".json"), "w") as f:
         json.dump(info, f, indent=1)
 

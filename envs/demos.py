@@ -246,10 +246,15 @@ class DemoFileWriter:
             split = w.finish(env_args, valid_ratio=0.1, seed=0)
     """
 
-    def __init__(self, out: Any, caller: str = "make_demos"):
+    def __init__(self, out: Any, caller: str = "make_demos", overwrite: bool = False):
+        from dpft.rundir import lock_output_file
+
         out = os.path.abspath(os.fspath(out))
         if os.path.isdir(out):
             raise DpftError("{}: out={!r} is a directory; expected an .hdf5 file path.".format(caller, out))
+        # locked for the writer's life (a second writer of the same file is refused naming this process); an
+        # existing file is refused unless overwrite=True, and then replaced only when the new one is complete
+        self._lock = lock_output_file(out, overwrite, option="out", command="dpft demos")
         self.path = out
         self.caller = caller
         self.samples = 0
@@ -315,23 +320,39 @@ class DemoFileWriter:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None or not self._finished:
-            self._discard()
+            try:
+                self._discard()
+            finally:
+                self.close()
             return
-        self._file.close()
-        self._file = None
-        os.replace(self._tmp, self.path)
+        try:
+            self._file.close()
+            self._file = None
+            from dpft.checkpoint import default_file_mode
+
+            os.chmod(self._tmp, default_file_mode())  # mkstemp makes it 0600: the mode open() would give
+            os.replace(self._tmp, self.path)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the output file's lock (idempotent; leaving the ``with`` block does it)."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
 
 
 def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0, image_obs: bool = False,
                camera_names: Sequence[str] = ("agentview", "robot0_eye_in_hand"), camera_size: int = 84,
                max_steps: Optional[int] = None, keep_failures: bool = False, valid_ratio: float = 0.1,
-               progress: bool = True) -> Dict[str, Any]:
+               progress: bool = True, overwrite: bool = False) -> Dict[str, Any]:
     """Generate ``num`` scripted-expert demonstrations of ``task`` into the robomimic HDF5 file ``out``.
 
     Args:
         task: a task with a scripted expert (a key of :data:`dpft.envs.experts.EXPERTS`: ``lift``, ``can``, ...).
         num: demonstrations to keep.
-        out: destination ``.hdf5`` path (parent directories are created; an existing file is replaced).
+        out: destination ``.hdf5`` path (parent directories are created; an existing file is refused unless
+            ``overwrite=True``, and then replaced only when the new file is complete).
         seed: episode ``i`` (counting attempts) is seeded ``seed + i`` (env reset and expert noise); the
             train/valid split is seeded with ``seed``.
         noise: expert imperfection (0 = clean and deterministic; 0.3-0.5 = human-like).
@@ -357,16 +378,21 @@ def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0,
         camera_names = [camera_names]
     camera_names = list(camera_names)
     env_args = default_env_args(task, image_obs=image_obs, camera_names=camera_names, camera_size=camera_size)
-    writer = DemoFileWriter(out, "make_demos")  # checks the path before the simulator starts
+    writer = DemoFileWriter(out, "make_demos", overwrite=overwrite)  # checks and locks the path before the simulator
 
     # the episodes run without camera observables (robosuite would render every step, before the kinematics are
     # refreshed); images are rendered from the refreshed state by observe()
-    env = RobosuiteEnv(default_env_args(task), max_episode_steps=max_steps)
+    try:
+        env = RobosuiteEnv(default_env_args(task), max_episode_steps=max_steps)
+    except BaseException:
+        writer.close()
+        raise
     if image_obs:
         known = env.camera_names()
         missing = [c for c in camera_names if c not in known]
         if missing:
             env.close()
+            writer.close()
             raise DpftError("make_demos: camera(s) {} not in the {} scene; cameras: {}.".format(
                 ", ".join(repr(c) for c in missing), env.env_name, ", ".join(known)))
     image_keys = [c + "_image" for c in camera_names] if image_obs else []

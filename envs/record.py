@@ -354,13 +354,15 @@ def record_demos(
     device: str = "cpu",
     progress: bool = True,
     worker_timeout_s: float = 120.0,
+    overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Record ``num`` episodes of ``policy`` into the robomimic HDF5 file ``out`` (see the module docstring).
 
     Args:
         policy: RUN_DIR, a checkpoint directory, or a loaded policy (``act``/``meta``, optional ``reset(rows)``).
         num: episodes to keep.
-        out: destination ``.hdf5`` path (parent directories are created; an existing file is replaced).
+        out: destination ``.hdf5`` path (parent directories are created; an existing file is refused unless
+            ``overwrite=True``, and then replaced only when the new file is complete).
         task: optional task name (``hopper``, ``lift``, ...): must match the checkpoint's env (or names the env when
             the checkpoint has no env_args).
         seed: episode ``i`` (counting attempts) runs with env seed ``seed + i``; also seeds the policy's generator
@@ -380,6 +382,7 @@ def record_demos(
         max_attempts: episodes to run at most (default ``3 * num``).
         weights, device: for :func:`dpft.load_policy` when ``policy`` is a path.
         progress: tqdm progress bar.
+        overwrite: replace an existing ``out`` file.
 
     Returns:
         ``{"path", "env_name", "policy", "attempted", "kept", "successes", "success_rate", "failed", "samples",
@@ -397,27 +400,31 @@ def record_demos(
     from dpft.envs.vector import VectorEnv
 
     num, seed, envs = int(num), int(seed), int(envs)
-    writer = DemoFileWriter(out, "record_demos")
-    policy, source = _load(policy, weights, device)
-    env_args = _resolve_env_args(policy, task, source)
-    kind = env_kind(env_args)
-    max_attempts = int(max_attempts) if max_attempts is not None else 3 * num
-    if max_episode_steps is None and _is_int(env_args.get("max_episode_steps")):
-        max_episode_steps = int(env_args["max_episode_steps"])
-    run_args = {k: v for k, v in env_args.items() if k != "max_episode_steps"}
-    policy_keys = [str(k) for k in (_meta(policy, "obs_keys") or [])]
-    images = _image_specs(env_args, policy, bool(image_obs), camera_names, int(camera_size))
-    noisy = _NoisyActions(policy, float(noise))
-    cond_steps = int(_meta(policy, "cond_steps", 1))
-    act_steps = int(_meta(policy, "act_steps", 1))
-    kwargs = {"max_episode_steps": max_episode_steps, "terminate_on_success": bool(terminate_on_success)}
-    if kind == "robosuite":
-        from dpft.envs.render import setup_rendering
+    writer = DemoFileWriter(out, "record_demos", overwrite=overwrite)  # locked; released by the with block
+    try:
+        policy, source = _load(policy, weights, device)
+        env_args = _resolve_env_args(policy, task, source)
+        kind = env_kind(env_args)
+        max_attempts = int(max_attempts) if max_attempts is not None else 3 * num
+        if max_episode_steps is None and _is_int(env_args.get("max_episode_steps")):
+            max_episode_steps = int(env_args["max_episode_steps"])
+        run_args = {k: v for k, v in env_args.items() if k != "max_episode_steps"}
+        policy_keys = [str(k) for k in (_meta(policy, "obs_keys") or [])]
+        images = _image_specs(env_args, policy, bool(image_obs), camera_names, int(camera_size))
+        noisy = _NoisyActions(policy, float(noise))
+        cond_steps = int(_meta(policy, "cond_steps", 1))
+        act_steps = int(_meta(policy, "act_steps", 1))
+        kwargs = {"max_episode_steps": max_episode_steps, "terminate_on_success": bool(terminate_on_success)}
+        if kind == "robosuite":
+            from dpft.envs.render import setup_rendering
 
-        setup_rendering(require=bool(images))
-    factory = _RecordingFactory(run_args, [k for k in policy_keys if not k.endswith("_image")], images,
-                                {k: v for k, v in kwargs.items() if v is not None})
-    n_envs = min(envs, num)  # more envs than episodes still needed would idle
+            setup_rendering(require=bool(images))
+        factory = _RecordingFactory(run_args, [k for k in policy_keys if not k.endswith("_image")], images,
+                                    {k: v for k, v in kwargs.items() if v is not None})
+        n_envs = min(envs, num)  # more envs than episodes still needed would idle
+    except BaseException:
+        writer.close()
+        raise
     t0 = time.time()
     bar = None
     venv = None
@@ -454,6 +461,7 @@ def record_demos(
             horizon = venv.max_episode_steps
             split = writer.finish(_file_env_args(run_args, horizon, images), float(valid_ratio), seed)
     finally:
+        writer.close()
         if bar is not None:
             bar.close()
         if venv is not None:

@@ -396,6 +396,7 @@ def rollout(
     camera: Optional[str] = None,
     fps: float = 20.0,
     worker_timeout_s: float = 120.0,
+    overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Run ``episodes`` episodes of ``policy`` and return (and, with ``out_dir``, write) the result.
 
@@ -409,7 +410,10 @@ def rollout(
         episodes: number of episodes; episode ``i`` uses seed ``seed + i``.
         video: number of episodes to record (the first ones), True for all, False for none (needs ``out_dir``
             and a VectorEnv).
-        out_dir: where ``result.json`` and ``videos/`` go; None writes nothing.
+        out_dir: where ``result.json`` and ``videos/`` go; None writes nothing. It is locked while the rollout
+            runs (a second rollout into it is refused), and an earlier rollout's files there are refused unless
+            ``overwrite=True`` (:func:`prepare_out_dir`).
+        overwrite: replace the ``result.json`` and ``videos/episode_*.mp4`` of an earlier rollout in ``out_dir``.
         deterministic: passed to ``policy.act``. When ``policy.act`` takes a ``generator`` (dpft policies do), a
             ``torch.Generator`` seeded with ``seed`` is passed, so the same call (same seed, same envs) gives the
             same result even though a diffusion policy draws its initial noise in deterministic mode too.
@@ -441,8 +445,10 @@ def rollout(
         raise DpftError("rollout: the policy must have an act(obs, deterministic) method and a meta attribute "
                         "(dpft.load_policy returns such an object); got %r." % (policy,))
     result_path = None
+    out_lock = None
     if out_dir is not None:
-        out_dir = prepare_out_dir(out_dir, n_video)
+        out_lock = prepare_out_dir(out_dir, n_video, overwrite)  # held until the result is written
+        out_dir = out_lock.path
         result_path = os.path.join(out_dir, RESULT_NAME)
 
     own_env = not isinstance(env, BatchedEnv)
@@ -484,27 +490,42 @@ def rollout(
             rec.close()
         if own_env and isinstance(env, BatchedEnv):
             env.close()
+        if out_lock is not None:
+            out_lock.close()
 
 
-def prepare_out_dir(out_dir: Any, n_video: int = 0) -> str:
+def earlier_outputs(out_dir: str) -> List[str]:
+    """The files of an earlier rollout in ``out_dir``: ``result.json`` and ``videos/episode_*.mp4``."""
+    found = []  # type: List[str]
+    result_path = os.path.join(out_dir, RESULT_NAME)
+    if os.path.isfile(result_path):
+        found.append(result_path)
+    videos = os.path.join(out_dir, VIDEO_DIR)
+    if os.path.isdir(videos):
+        found += [os.path.join(videos, n) for n in sorted(os.listdir(videos))
+                  if n.startswith("episode_") and n.endswith(".mp4")]
+    return found
+
+
+def prepare_out_dir(out_dir: Any, n_video: int = 0, overwrite: bool = False, delete: bool = True) -> Any:
     """Create ``out_dir`` (and ``out_dir/videos`` when videos are wanted), check both are writable before any
-    episode runs, and remove the files of an earlier rollout there (``result.json``, ``videos/episode_*.mp4``) so
-    a result never sits beside another run's videos. Returns the path."""
-    from dpft.rundir import check_writable_dir
+    episode runs, and lock ``out_dir`` (:func:`dpft.rundir.open_output_dir`: a second rollout into it is refused
+    naming this process). The files of an earlier rollout there (``result.json``, ``videos/episode_*.mp4``) are
+    refused unless ``overwrite=True``, which deletes them (a result never sits beside another run's videos;
+    ``delete=False`` only checks, as :func:`rollout_checkpoint` does before loading the policy).
+    Returns the lock (a :class:`dpft.rundir.RunDir`; ``.path`` is the directory): close it when done."""
+    from dpft.rundir import check_writable_dir, open_output_dir
 
     out_dir = os.fspath(out_dir)
     check_writable_dir(out_dir, "rollout out")
-    result_path = os.path.join(out_dir, RESULT_NAME)
-    if os.path.exists(result_path):
-        os.remove(result_path)  # never leave a stale result that looks like this run's
-    videos = os.path.join(out_dir, VIDEO_DIR)
-    if os.path.isdir(videos):
-        for name in os.listdir(videos):
-            if name.startswith("episode_") and name.endswith(".mp4"):
-                os.remove(os.path.join(videos, name))
-    if n_video:
-        check_writable_dir(videos, "rollout videos")
-    return out_dir
+    lock = open_output_dir(out_dir, earlier_outputs, overwrite, option="out", command="dpft rollout", delete=delete)
+    try:
+        if n_video:
+            check_writable_dir(os.path.join(out_dir, VIDEO_DIR), "rollout videos")
+    except BaseException:
+        lock.close()
+        raise
+    return lock
 
 
 def _policy_block(policy: Any, policy_info: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -559,6 +580,7 @@ def rollout_checkpoint(
     video_size: Tuple[int, int] = (256, 256),
     camera: Optional[str] = None,
     verify: bool = True,
+    overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Evaluate a checkpoint (run dir or checkpoint dir) on the env it was trained for.
 
@@ -571,7 +593,8 @@ def rollout_checkpoint(
     :func:`dpft.envs.registry.make_env`: ``max_episode_steps``, ``terminate_on_success`` (default True, as
     ``dpft rollout``), ...). The defaults are those of ``dpft rollout`` (:class:`dpft.config.RolloutConfig`):
     ``episodes=10``, ``seed=100000`` (away from the demo seeds 0, 1, ...), episodes end on success.
-    ``verify=False`` loads a checkpoint whose files fail their checksums (``--no-verify``). FurnitureBench
+    ``verify=False`` loads a checkpoint whose files fail their checksums (``--no-verify``). ``out_dir`` is locked
+    and an earlier rollout there is refused unless ``overwrite=True`` (:func:`prepare_out_dir`). FurnitureBench
     (``type`` ``"furniture"``) is built by :func:`dpft.envs.furniture.furniture_env_from_args`: Isaac Gym on the GPU
     (``device`` when it is a CUDA device, else ``"cuda"``), or the CPU fake when ``env_args["env_kwargs"]["simulator"]``
     is ``"fake"`` (``env_overrides={"env_kwargs": {"simulator": "fake"}}`` dry-runs any furniture checkpoint); it
@@ -592,8 +615,8 @@ def rollout_checkpoint(
         import_isaacgym_if_needed(path)  # Isaac Gym refuses to load after torch
     import dpft
 
-    if out_dir is not None:  # writable (videos/ too) before the policy is loaded and any episode runs
-        prepare_out_dir(out_dir, _num_videos(video, int(episodes)))
+    if out_dir is not None:  # writable (videos/ too), free and unused before the policy is loaded and any episode runs
+        prepare_out_dir(out_dir, _num_videos(video, int(episodes)), overwrite, delete=False).close()
 
     from dpft.checkpoint import verification
 
@@ -624,8 +647,8 @@ def rollout_checkpoint(
             info[name] = value
     if env_overrides:
         info["env_overrides"] = env_overrides
-    kw = dict(episodes=int(episodes), seed=seed, video=video, out_dir=out_dir, deterministic=deterministic,
-              progress=progress, policy_info=info, video_size=video_size, camera=camera)
+    kw = dict(episodes=int(episodes), seed=seed, video=video, out_dir=out_dir, overwrite=overwrite,
+              deterministic=deterministic, progress=progress, policy_info=info, video_size=video_size, camera=camera)
 
     from dpft.envs.registry import env_kind
 

@@ -230,7 +230,7 @@ def test_interrupt_leaves_no_partial_file(rs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(demos, "run_episode", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        demos.make_demos("lift", 3, str(out), max_steps=5, keep_failures=True, progress=False)
+        demos.make_demos("lift", 3, str(out), max_steps=5, keep_failures=True, progress=False, overwrite=True)
     assert out.read_bytes() == b"previous file"  # untouched, and no temporary file left beside it
     assert os.listdir(tmp_path) == ["lift.hdf5"]
 

@@ -266,8 +266,9 @@ def test_cli_records_and_reports_errors(hopper_run, tmp_path, capsys):
     assert "wrote 2 demos" in capsys.readouterr().out
     assert main(["demos", "policy=%s" % hopper_run, "num=0", "out=%s" % out]) == 2
     assert "num=0 must be >= 1" in capsys.readouterr().err
-    assert main(["demos", "policy=%s" % hopper_run, "num=1", "out=%s" % out, "task=lift"]) == 2
+    assert main(["demos", "policy=%s" % hopper_run, "num=1", "out=%s" % out, "task=lift", "overwrite=true"]) == 2
     assert "task='lift' (Lift) does not match the checkpoint" in capsys.readouterr().err
+    assert read(out)[0].keys() == demos.keys()  # a failed command leaves the file as it was
 
 
 @pytest.mark.gym

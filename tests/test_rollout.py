@@ -194,7 +194,8 @@ def test_interrupt_leaves_no_result_and_closes_workers(tmp_path, exc):
             return super().act(obs, deterministic)
 
     with pytest.raises(type(exc)):
-        rollout(Spy(exc), fns(2), episodes=4, video=1, out_dir=tmp_path, mode="process", progress=False)
+        rollout(Spy(exc), fns(2), episodes=4, video=1, out_dir=tmp_path, mode="process", progress=False,
+                overwrite=True)  # the stale result is deleted first, and the interrupted run writes none
     assert not (tmp_path / "result.json").exists()
     leftovers = [p for p in os.listdir(tmp_path) if p != "videos"]
     assert leftovers == []

@@ -182,7 +182,7 @@ def test_rollout_defaults_are_the_cli_defaults():
     assert _env_options({"terminate_on_success": False, "max_episode_steps": 5})["terminate_on_success"] is False
 
 
-def test_rollout_output_checked_before_episodes_and_stale_videos_removed(tmp_path):
+def test_rollout_output_checked_before_episodes_and_stale_videos_removed_with_overwrite(tmp_path):
     import functools
 
     from dpft.envs.fake_env import FakeEnv, ScriptedReachPolicy
@@ -195,7 +195,10 @@ def test_rollout_output_checked_before_episodes_and_stale_videos_removed(tmp_pat
     (out / "result.json").write_text("{}")
     policy = ScriptedReachPolicy(act_steps=4)
     fns = [functools.partial(FakeEnv, max_episode_steps=8)]
-    result = rollout(policy, fns, episodes=1, out_dir=str(out), mode="inline", progress=False)
+    with pytest.raises(DpftError, match="already holds the outputs of an earlier dpft rollout"):  # kept without it
+        rollout(policy, fns, episodes=1, out_dir=str(out), mode="inline", progress=False)
+    assert (out / "videos" / "episode_007.mp4").read_bytes() == b"old" and policy.batch_sizes == []
+    result = rollout(policy, fns, episodes=1, out_dir=str(out), mode="inline", progress=False, overwrite=True)
     assert result["videos"] == [] and sorted(os.listdir(out / "videos")) == ["mine.txt"]
     # a `videos` path that is a file is refused before any episode runs
     bad = tmp_path / "bad"

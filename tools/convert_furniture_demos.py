@@ -385,8 +385,19 @@ def convert_furniture_demos(
         raise DpftError("Output %s already exists; pass overwrite=True (--overwrite) to replace it." % out)
     if not out.parent.exists():
         raise DpftError("The output directory %s does not exist." % out.parent)
-    files = find_episode_files(inputs)
+    from dpft.rundir import lock_output_file
 
+    files = find_episode_files(inputs)
+    lock = lock_output_file(out, overwrite, option="--out", command="convert_furniture_demos")  # one writer at a time
+    try:
+        return _convert_locked(files, out, task, randomness, include_images, valid_ratio, seed, only_success, action_format,
+                               clip_delta_pos, clip_delta_rot)
+    finally:
+        lock.close()
+
+
+def _convert_locked(files, out, task, randomness, include_images, valid_ratio, seed, only_success, action_format,
+                    clip_delta_pos, clip_delta_rot):
     tmp = out.with_name(out.name + ".tmp-%d" % os.getpid())
     names: List[str] = []
     skipped: List[Tuple[str, str]] = []
