@@ -294,7 +294,8 @@ def load_weights(model: nn.Module, ckpt: Any, weights: str = "ema") -> str:
     return "model"
 
 
-def load_policy(path: Any, weights: str = "ema", device: Union[str, torch.device] = "cpu") -> Policy:
+def load_policy(path: Any, weights: str = "ema", device: Union[str, torch.device] = "cpu",
+                verify: Optional[bool] = None) -> Policy:
     """Rebuild a :class:`Policy` from a run directory, its ``checkpoints/`` folder or a checkpoint directory.
 
     Args:
@@ -302,7 +303,19 @@ def load_policy(path: Any, weights: str = "ema", device: Union[str, torch.device
         weights: ``"ema"`` (default; falls back to the live weights, with ``policy.weights == "model"``,
             when the run had ``ema_decay=0``) or ``"model"``.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        verify: check the files against the sha256 checksums in meta.json (``None``: the
+            :func:`dpft.checkpoint.verification` default, True). ``False`` loads damaged files anyway, with a
+            warning naming each file that fails its checksum (``dpft rollout --no-verify``).
     """
+    if verify is not None:  # also for the files a policy kind's builder reads itself (e.g. IDQL's critics)
+        from dpft.checkpoint import verification
+
+        with verification(verify):
+            return _load_policy(path, weights, device)
+    return _load_policy(path, weights, device)
+
+
+def _load_policy(path: Any, weights: str, device: Union[str, torch.device]) -> Policy:
     from dpft.checkpoint import load_checkpoint
     from dpft.config import PretrainConfig, from_yaml_text
 

@@ -571,7 +571,9 @@ def rollout_checkpoint(
     :func:`dpft.envs.registry.make_env`: ``max_episode_steps``, ``terminate_on_success`` (default True, as
     ``dpft rollout``), ...). The defaults are those of ``dpft rollout`` (:class:`dpft.config.RolloutConfig`):
     ``episodes=10``, ``seed=100000`` (away from the demo seeds 0, 1, ...), episodes end on success.
-    ``verify=False`` loads a checkpoint whose files fail their checksums (``--no-verify``). FurnitureBench
+    ``verify=False`` loads a checkpoint whose files fail their checksums (``--no-verify``): each such file is warned
+    about on stderr and listed in ``result["policy"]["checksum_mismatches"]``, and ``result["policy"]["verified"]``
+    is false (true when the checksums were checked). FurnitureBench
     (``type`` ``"furniture"``) is built by :func:`dpft.envs.furniture.furniture_env_from_args`: Isaac Gym on the GPU
     (``device`` when it is a CUDA device, else ``"cuda"``), or the CPU fake when ``env_args["env_kwargs"]["simulator"]``
     is ``"fake"`` (``env_overrides={"env_kwargs": {"simulator": "fake"}}`` dry-runs any furniture checkpoint); it
@@ -597,7 +599,7 @@ def rollout_checkpoint(
 
     from dpft.checkpoint import verification
 
-    with verification(verify):  # verify=False: load files whose checksums do not match (damaged) anyway
+    with verification(verify) as mismatched:  # verify=False: load damaged files anyway, warning about each
         policy = dpft.load_policy(path, weights=weights, device=device)
     meta = policy.meta
     env_args = _meta_get(meta, "env_args")
@@ -612,7 +614,8 @@ def rollout_checkpoint(
     n_video = _num_videos(video, int(episodes))
     info = _policy_block(policy, None)
     info.update({"checkpoint": os.path.abspath(str(info.get("checkpoint") or path)),
-                 "weights": getattr(policy, "weights", weights), "requested_weights": weights, "device": device})
+                 "weights": getattr(policy, "weights", weights), "requested_weights": weights, "device": device,
+                 "verified": bool(verify), "checksum_mismatches": list(mismatched)})
     for name in _POLICY_FIELDS:
         value = _meta_get(meta, name)
         if value is not None and name not in info:
@@ -668,6 +671,10 @@ def format_summary(result: Dict[str, Any], out_dir: Optional[str] = None) -> str
         "n/a" if mean_ret is None else "%.3f" % mean_ret,
         "n/a" if result["mean_length"] is None else "%.1f" % result["mean_length"],
         result["num_failed"], result["env_steps_per_s"] or 0.0)
+    policy = result.get("policy") or {}
+    if policy.get("verified") is False:
+        line += "; checksums NOT verified (--no-verify; %d file(s) did not match)" % len(
+            policy.get("checksum_mismatches") or [])
     if out_dir is not None:
         if result["videos"]:
             line += "; videos: " + ", ".join(os.path.join(out_dir, v) for v in result["videos"])
