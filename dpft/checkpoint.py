@@ -607,8 +607,9 @@ def resolve_checkpoint(path: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_tensors(path: str, checksums: Optional[_Checksums] = None) -> Dict[str, torch.Tensor]:
-    """Load a safetensors file to CPU tensors (DpftError naming a missing, damaged or checksum-failing file)."""
+def read_tensors(path: str, checksums: Optional[_Checksums] = None, allow_inf: bool = False) -> Dict[str, torch.Tensor]:
+    """Load a safetensors file to CPU tensors (DpftError naming a missing, damaged or checksum-failing file, or a
+    tensor holding NaN, or infinity unless ``allow_inf``: bookkeeping state such as IN-RIL's m = inf)."""
     from safetensors.torch import load
 
     data = (checksums or _UNVERIFIED).read_bytes(path)
@@ -617,18 +618,19 @@ def read_tensors(path: str, checksums: Optional[_Checksums] = None) -> Dict[str,
     except Exception as e:  # SafetensorError, ValueError on truncated or foreign files
         raise DpftError("Checkpoint file '%s' cannot be read as safetensors (%s); the file is damaged."
                         % (path, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
-    check_finite(tensors, path)
+    check_finite(tensors, path, allow_inf)
     return tensors
 
 
-def check_finite(tensors: Mapping[str, torch.Tensor], path: str) -> None:
-    """Refuse NaN or infinity in any floating-point tensor read from ``path`` (a DpftError naming the file, the
-    tensor and how many entries): a checksum proves the file is what was written, not that it is usable."""
+def check_finite(tensors: Mapping[str, torch.Tensor], path: str, allow_inf: bool = False) -> None:
+    """Refuse NaN (and, unless ``allow_inf``, infinity) in any floating-point tensor read from ``path`` (a DpftError
+    naming the file, the tensor and how many entries): a checksum proves the file is what was written, not that it
+    is usable."""
     for name in sorted(tensors):
         t = tensors[name]
         if not (t.is_floating_point() or t.is_complex()):
             continue
-        bad = int((~torch.isfinite(t)).sum())
+        bad = int(torch.isnan(t).sum()) if allow_inf else int((~torch.isfinite(t)).sum())
         if bad:
             raise DpftError(
                 "Checkpoint file '%s' holds %d non-finite value(s) (NaN or infinity) of %d in tensor '%s', so it "
@@ -686,7 +688,7 @@ def load_training_state(ckpt_dir: str, verify: Optional[bool] = None,
     out["optimizers"] = {n: join_optimizer_state(read_tensors(os.path.join(d, "optimizer_%s.safetensors" % n), checksums),
                                                  read_json(os.path.join(d, "optimizer_%s.json" % n), checksums))
                          for n in step_info.pop("_optimizers", [])}
-    out["tensors"] = {n: read_tensors(os.path.join(d, "tensors_%s.safetensors" % n), checksums)
+    out["tensors"] = {n: read_tensors(os.path.join(d, "tensors_%s.safetensors" % n), checksums, allow_inf=True)
                       for n in step_info.pop("_tensors", [])}
     out["json"] = {n: _decode(read_json(os.path.join(d, "json_%s.json" % n), checksums))
                    for n in step_info.pop("_json", [])}
