@@ -497,6 +497,14 @@ def damaged_step_advice(ckpt_dir: str) -> str:
     return "use another checkpoint (this run has no earlier one; retrain if there is no copy)."
 
 
+def _modified_after(meta_path: str, path: str) -> bool:
+    """meta.json is written last, within moments of the other files: a much later mtime means it was edited."""
+    try:
+        return os.path.getmtime(meta_path) > os.path.getmtime(path) + 2.0
+    except OSError:
+        return False
+
+
 def _load_anyway_note() -> str:
     return ("Only evaluation can load damaged files anyway: dpft rollout --no-verify, or "
             "dpft.load_policy(..., verify=False).")
@@ -536,13 +544,22 @@ class _Checksums:
                     log.append(path)
             return
         if expected is None:
+            if rel in (MODEL_FILE, EMA_FILE, NORMALIZER_FILE, CONFIG_FILE) or rel.startswith(TRAINING_STATE + "/"):
+                raise ChecksumError("'%s' records no checksum for '%s', a file dpft writes into every checkpoint "
+                                    "together with its checksum: meta.json was edited or damaged (the file itself may "
+                                    "be fine). Restore meta.json from a copy, or %s %s"
+                                    % (meta, path, damaged_step_advice(self.dir), _load_anyway_note()), path)
             raise ChecksumError("Checkpoint file '%s' has no checksum in '%s': it was not written with the "
                                 "checkpoint. Remove it (it is not part of the checkpoint). %s"
                                 % (path, meta, _load_anyway_note()), path)
         if expected != digest:
+            if _modified_after(meta, path):
+                raise ChecksumError("'%s' does not match the sha256 that '%s' records for it, and meta.json was "
+                                    "modified after the file was written: meta.json was most likely edited (its "
+                                    "recorded checksums are what changed). Restore meta.json from a copy, or %s %s"
+                                    % (path, meta, damaged_step_advice(self.dir), _load_anyway_note()), path)
             raise ChecksumError("Checkpoint file '%s' is damaged: its sha256 is %s but '%s' recorded %s when it was "
-                                "written (if meta.json itself was edited, the recorded value is what changed). "
-                                "Restore the file from a copy, or %s %s"
+                                "written. Restore the file from a copy, or %s %s"
                                 % (path, digest, meta, expected, damaged_step_advice(self.dir), _load_anyway_note()),
                                 path)
 
@@ -602,6 +619,16 @@ def resolve_checkpoint(path: Any) -> str:
             raise DpftError("Run directory '%s' has no complete checkpoint in %s (no step_XXXXXXXX directory); "
                             "the run was stopped before its first save." % (path, root))
         return latest
+    from dpft.rundir import read_run_info
+
+    info = read_run_info(path)
+    if info is not None:  # a run killed (or still running) before its first checkpoint
+        kind = str(info.get("kind"))
+        how = ("continue it with `dpft %s ... out=%s resume=true`" % (kind, path) if kind in ("pretrain", "finetune")
+               else "run it again to completion")
+        raise DpftError("'%s' is a dpft %s run without any checkpoint yet (it stopped before its first save, or is "
+                        "still running): there is nothing to load. Wait for it, %s, or pass a run that has saved "
+                        "a checkpoint." % (path, kind, how))
     raise DpftError("'%s' is neither a dpft run directory (no checkpoints/ folder) nor a checkpoint directory "
                     "(no %s or %s)." % (path, META_FILE, MODEL_FILE))
 

@@ -230,9 +230,13 @@ def cmd_demos(args: List[str]) -> int:
         camera_size=cfg.camera_size, keep_failures=cfg.keep_failures, valid_ratio=cfg.valid_ratio,
         max_steps=cfg.max_episode_steps, progress=cfg.progress,
     )
-    print(f"wrote {summary.get('kept')} demos ({summary.get('samples')} samples) to {cfg.out}; "
+    print(f"wrote {_demos(summary.get('kept'))} ({summary.get('samples')} samples) to {cfg.out}; "
           f"expert success {summary.get('success_rate', float('nan')):.0%} over {summary.get('attempted')} attempts")
     return 0
+
+
+def _demos(n) -> str:
+    return "1 demo" if n == 1 else "%s demos" % n
 
 
 def _record_policy_demos(cfg) -> int:
@@ -245,8 +249,9 @@ def _record_policy_demos(cfg) -> int:
         max_episode_steps=cfg.max_episode_steps, image_obs=cfg.image_obs, camera_size=cfg.camera_size,
         valid_ratio=cfg.valid_ratio, weights=cfg.weights, device=cfg.device, progress=cfg.progress,
     )
-    print(f"wrote {s['kept']} demos ({s['samples']} samples) of {s['env_name']} to {s['path']}; mean return "
-          f"{s['mean_return']:.3f}, {s['kept']} kept of {s['attempted']} episodes (success {s['success_rate']:.0%})")
+    success = "" if s.get("success_rate") is None else f" (success {s['success_rate']:.0%})"  # None: no signal
+    print(f"wrote {_demos(s['kept'])} ({s['samples']} samples) of {s['env_name']} to {s['path']}; mean return "
+          f"{s['mean_return']:.3f}, {s['kept']} kept of {s['attempted']} episodes{success}")
     return 0
 
 

@@ -347,7 +347,12 @@ def _hydra_message(e: Exception) -> str:
             break
         if ln.strip():
             lines.append(ln)
-    msg = " ".join(ln.strip() for ln in lines[:12]) if lines else type(e).__name__
+    avail = [k for k, ln in enumerate(lines) if "Available options" in ln]
+    if avail:  # a config group's option list, one per line: keep all of it
+        k = avail[0]
+        msg = " ".join(ln.strip() for ln in lines[:k + 1]) + " " + ", ".join(ln.strip() for ln in lines[k + 1:]) + "."
+    else:
+        msg = " ".join(ln.strip() for ln in lines[:12]) if lines else type(e).__name__
     cause = e.__cause__ or e.__context__
     if cause is not None and str(cause).strip():
         detail = _omegaconf_message(cause)

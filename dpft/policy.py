@@ -55,9 +55,13 @@ def _as_array(x: Any, key: str) -> Union[np.ndarray, torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return x.detach()
     try:
-        return np.ascontiguousarray(x)
+        arr = np.ascontiguousarray(x)
     except Exception:  # ragged lists and odd objects
         raise DpftError("Observation '%s' cannot be turned into an array (got %s)." % (key, type(x).__name__)) from None
+    if arr.dtype.kind not in "biuf":  # strings, objects, complex: not an observation whatever their shape
+        raise DpftError("Observation '%s' must hold numbers (an array of floats, ints or bools); got %s %r."
+                        % (key, type(x).__name__, x if arr.size <= 4 else arr.dtype))
+    return arr
 
 
 class Policy:

@@ -56,6 +56,17 @@ def env_kind(env_args: Dict[str, Any]) -> str:
     return kind
 
 
+def has_success_signal(env_args: Any) -> bool:
+    """Whether the task of ``env_args`` reports success: robosuite and FurnitureBench do; Gym locomotion tasks have
+    only returns. Unknown or missing ``env_args`` count as having one (a success figure is shown)."""
+    if not isinstance(env_args, dict) or not env_args:
+        return True
+    try:
+        return env_kind(env_args) != "gym"
+    except DpftError:
+        return True
+
+
 def import_isaacgym_if_needed(checkpoint: str) -> None:
     """Isaac Gym must be imported before torch: if the checkpoint at ``checkpoint`` (RUN_DIR or a checkpoint
     directory) was trained for FurnitureBench on Isaac Gym (``env_kwargs.simulator`` absent or ``"isaacgym"``;
