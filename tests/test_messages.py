@@ -203,3 +203,13 @@ def test_data_info_refuses_a_file_pretraining_cannot_split(tmp_path, capsys):
     assert "data.valid_filter_key=null" in err
     assert main(["pretrain", "dataset=%s" % path, "out=%s" % (tmp_path / "r")] + TINY_PRE) == 2
     assert "The train split is empty" in capsys.readouterr().err
+
+
+def test_which_tasks_have_a_success_signal():
+    from dpft.envs.registry import has_success_signal
+
+    assert has_success_signal({"env_name": "Lift", "type": 1, "env_kwargs": {}})
+    assert has_success_signal({"env_name": "FurnitureRLSim-one_leg", "type": "furniture", "env_kwargs": {}})
+    assert not has_success_signal(HOPPER) and not has_success_signal(default_gym_env_args("halfcheetah"))
+    assert has_success_signal({"env_name": "FetchReach-v4", "type": 2, "env_kwargs": {}})  # reports is_success
+    assert has_success_signal(None)
