@@ -115,6 +115,8 @@ def digest_tree(path: str) -> Dict[str, str]:
             return {path: hashlib.sha256(f.read()).hexdigest()}
     for r, _, files in os.walk(path):
         for name in files:
+            if name == ".dpft.lock":  # the lock file's content (the holder's pid) changes with every run
+                continue
             p = os.path.join(r, name)
             with open(p, "rb") as f:
                 out[p] = hashlib.sha256(f.read()).hexdigest()
