@@ -119,6 +119,7 @@ class _Recorder:
         self.timer = timer
         self.records: Dict[int, Dict[str, Any]] = {}
         self.env_steps = 0
+        self.has_success = True  # False: the task has no success signal (Gym locomotion), returns only
         self.bar = None
         if progress:
             from tqdm import tqdm
@@ -148,7 +149,7 @@ class _Recorder:
         }
         if self.bar is not None:
             done = list(self.records.values())
-            if getattr(self, "has_success", True):
+            if self.has_success:
                 self.bar.set_postfix(success="%d/%d" % (sum(r["success"] for r in done), len(self.records)))
             else:  # a task without a success signal (Gym locomotion): returns only
                 rets = [r["return"] for r in done if r["return"] is not None]
