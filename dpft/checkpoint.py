@@ -634,9 +634,11 @@ def resolve_checkpoint(path: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_tensors(path: str, checksums: Optional[_Checksums] = None, allow_inf: bool = False) -> Dict[str, torch.Tensor]:
+def read_tensors(path: str, checksums: Optional[_Checksums] = None,
+                 allow_inf: bool = False) -> Dict[str, torch.Tensor]:
     """Load a safetensors file to CPU tensors (DpftError naming a missing, damaged or checksum-failing file, or a
-    tensor holding NaN, or infinity unless ``allow_inf``: bookkeeping state such as IN-RIL's m = inf)."""
+    tensor holding NaN, or infinity unless ``allow_inf`` or the file is a trainer's ``tensors_<name>`` bookkeeping,
+    such as IN-RIL's m = inf)."""
     from safetensors.torch import load
 
     data = (checksums or _UNVERIFIED).read_bytes(path)
@@ -645,7 +647,8 @@ def read_tensors(path: str, checksums: Optional[_Checksums] = None, allow_inf: b
     except Exception as e:  # SafetensorError, ValueError on truncated or foreign files
         raise DpftError("Checkpoint file '%s' cannot be read as safetensors (%s); the file is damaged."
                         % (path, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
-    check_finite(tensors, path, allow_inf)
+    # training_state/tensors_<name>.safetensors hold a trainer's bookkeeping (e.g. IN-RIL's m = inf): never NaN
+    check_finite(tensors, path, allow_inf or os.path.basename(path).startswith("tensors_"))
     return tensors
 
 
@@ -715,7 +718,7 @@ def load_training_state(ckpt_dir: str, verify: Optional[bool] = None,
     out["optimizers"] = {n: join_optimizer_state(read_tensors(os.path.join(d, "optimizer_%s.safetensors" % n), checksums),
                                                  read_json(os.path.join(d, "optimizer_%s.json" % n), checksums))
                          for n in step_info.pop("_optimizers", [])}
-    out["tensors"] = {n: read_tensors(os.path.join(d, "tensors_%s.safetensors" % n), checksums, allow_inf=True)
+    out["tensors"] = {n: read_tensors(os.path.join(d, "tensors_%s.safetensors" % n), checksums)
                       for n in step_info.pop("_tensors", [])}
     out["json"] = {n: _decode(read_json(os.path.join(d, "json_%s.json" % n), checksums))
                    for n in step_info.pop("_json", [])}
