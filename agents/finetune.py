@@ -98,10 +98,12 @@ def eval_record(res: Dict[str, Any], seconds: float) -> Dict[str, Any]:
     its binomial standard error, return mean and std, length, episode count, and its wall time. Every trainer logs
     these keys."""
     n = int(res["num_episodes"])
-    p = float(res["success_rate"])
-    return {"eval/success_rate": p, "eval/success_se": math.sqrt(max(p * (1 - p), 0.0) / max(n, 1)),
-            "eval/return": res["mean_return"], "eval/return_std": res["std_return"], "eval/length": res["mean_length"],
-            "eval/episodes": n, "time/eval": float(seconds)}
+    out = {"eval/return": res["mean_return"], "eval/return_std": res["std_return"], "eval/length": res["mean_length"],
+           "eval/episodes": n, "time/eval": float(seconds)}
+    if res.get("success_rate") is not None:  # None: the task has no success signal (Gym locomotion)
+        p = float(res["success_rate"])
+        out.update({"eval/success_rate": p, "eval/success_se": math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))})
+    return out
 
 
 def load_resume_checkpoint(out: str, agent: str, cfg_node: Any) -> Any:
@@ -259,6 +261,9 @@ class Finetuner:
                 value = getattr(c, key)
                 meta[key] = None if value is None else float(value)
             self.meta = meta
+            from dpft.envs.registry import has_success_signal
+
+            self.has_success = has_success_signal(meta.get("env_args"))  # Gym locomotion: returns only
             self.policy = Policy(model, normalizer, meta, weights="model", device=self.device)
             self.model = self.policy.model
             self.model.train()
@@ -324,9 +329,15 @@ class Finetuner:
         if have != ptype:
             want = [k for k, v in AGENTS.items() if v[2] == have
                     and not (k == "residual_ppo" and meta.get("ft_denoising_steps"))]  # its base must be pretrained
-            hint = ("use agent=%s" % " or agent=".join(want)) if want else (
-                "no agent fine-tunes a %s checkpoint further; pass the pretrained checkpoint it started from%s"
-                % (have, (" (%s)" % meta["source_checkpoint"]) if meta.get("source_checkpoint") else ""))
+            if want:
+                hint = "use agent=%s" % " or agent=".join(want)
+            elif meta.get("source_checkpoint"):
+                hint = ("no agent fine-tunes a %s checkpoint further; pass the pretrained checkpoint it started from "
+                        "(%s)" % (have, meta["source_checkpoint"]))
+            else:  # e.g. a CMIL run: trained from demonstrations, not from a pretrained checkpoint
+                hint = ("no agent fine-tunes a %s checkpoint, and it was not started from a pretrained one (its "
+                        "meta.json names none); evaluate it with `dpft rollout checkpoint=%s`, continue its own run "
+                        "with resume=true, or fine-tune a checkpoint of `dpft pretrain`" % (have, ckpt.dir))
             raise DpftError("agent=%s fine-tunes a %s policy, but checkpoint '%s' holds a %s policy (%s); %s."
                             % (a.name, ptype, ckpt.dir, have, meta.get("policy"), hint))
         spec = _policy_spec_of(ckpt)
@@ -609,7 +620,8 @@ class Finetuner:
                 self.env_steps += steps
                 rec = {"iteration": self.iteration, "env_steps": self.env_steps,
                        "train/episodes": len(eps),
-                       "train/success_rate": float(np.mean([e["success"] for e in eps])) if eps else None,
+                       "train/success_rate": float(np.mean([e["success"] for e in eps]))
+                       if eps and self.has_success else None,  # None: the task has no success signal
                        "train/return": float(np.mean([e["return"] for e in eps])) if eps else None,
                        "train/length": float(np.mean([e["length"] for e in eps])) if eps else None,
                        "train/failed_episodes": int(sum(e["failed"] for e in eps)),
@@ -627,8 +639,10 @@ class Finetuner:
                 last = rec
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({"succ": _fmt(rec["train/success_rate"]), "ret": _fmt(rec["train/return"]),
-                                     "steps": self.env_steps, "sps": int(rec["env_steps_per_s"])})
+                    post = {"succ": _fmt(rec["train/success_rate"])} if self.has_success else {}
+                    post.update({"ret": _fmt(rec["train/return"]), "steps": self.env_steps,
+                                 "sps": int(rec["env_steps_per_s"])})
+                    bar.set_postfix(post)
                 if final or (c.save_every and self.iteration % int(c.save_every) == 0):
                     self._save()
         finally:
@@ -645,8 +659,9 @@ class Finetuner:
 
             plot_alignment(self.out)
         final = find_latest(self.out)
-        print("dpft finetune: done at iteration %d (%d env steps); eval success %s, return %s; checkpoint %s%s"
-              % (self.iteration, self.env_steps, _fmt(last.get("eval/success_rate")), _fmt(last.get("eval/return")),
+        success = ("success %s, " % _fmt(last.get("eval/success_rate"))) if self.has_success else ""
+        print("dpft finetune: done at iteration %d (%d env steps); eval %sreturn %s; checkpoint %s%s"
+              % (self.iteration, self.env_steps, success, _fmt(last.get("eval/return")),
                  final, ("; curves " + png) if png else ""))
         return final or self.out
 

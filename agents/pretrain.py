@@ -466,12 +466,15 @@ class Pretrainer:
 
     def _summary(self) -> str:
         info, cfg = self.info, self.cfg
-        valid = ("%d valid windows (%d demos)" % (info["num_valid_windows"], len(info["valid_demos"]))
+        def demos(n: int) -> str:
+            return "1 demo" if n == 1 else "%d demos" % n
+
+        valid = ("%d valid windows (%s)" % (info["num_valid_windows"], demos(len(info["valid_demos"])))
                  if self.valid_ds is not None else "no validation split")
         lines = [
             "dpft pretrain: %s on %s" % (cfg.policy.name, cfg.dataset),
-            "  data: %d train windows (%d demos), %s; obs_dim %d, action_dim %d, images %s"
-            % (info["num_train_windows"], len(info["train_demos"]), valid, info["obs_dim"], info["action_dim"],
+            "  data: %d train windows (%s), %s; obs_dim %d, action_dim %d, images %s"
+            % (info["num_train_windows"], demos(len(info["train_demos"])), valid, info["obs_dim"], info["action_dim"],
                info["image_keys"] or "none"),
             "  model: %s parameters; horizon_steps %d, cond_steps %d, act_steps %d"
             % (count_parameters(self.model), cfg.horizon_steps, cfg.cond_steps, cfg.act_steps),

@@ -95,6 +95,18 @@ def parse_quickstart_args(args: List[str]) -> Dict[str, Any]:
     return kwargs
 
 
+def show_quickstart_config(kwargs: Dict[str, Any]) -> str:
+    """``dpft quickstart --show-config``: the options the quickstart would run with (defaults updated by
+    ``kwargs``) and the fixed settings of its pretraining and fine-tuning stages, as YAML."""
+    import yaml
+
+    options = dict(DEFAULTS)
+    options.update(kwargs)
+    options["pretrain_overrides"] = list(PRETRAIN_OVERRIDES)
+    options["finetune_overrides"] = list(FINETUNE_OVERRIDES)
+    return yaml.safe_dump(options, sort_keys=False, default_flow_style=False).rstrip()
+
+
 STAGES_FILE = "stages.json"
 #: what OUT holds (a quickstart directory written before run.json existed is recognized by these names)
 QUICKSTART_ENTRIES = frozenset(["lift_demos.hdf5", "run", "rollout", "finetune", "rollout_finetuned", STAGES_FILE,

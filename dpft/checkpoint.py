@@ -43,6 +43,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
@@ -334,20 +335,52 @@ def save_checkpoint(
         full_meta[CHECKSUMS_KEY] = checksum_tree(tmp)  # every file written above; meta.json comes last
         _write_json(os.path.join(tmp, META_FILE), _encode(full_meta, "meta.json"))
         _fsync_dir(tmp)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_failure(e):
+            raise _write_failure(e, run_dir, name) from None
         raise
     old = None
-    if os.path.exists(final):  # re-saving the same step: move the old copy aside (atomic), never delete in place
-        old = _retire(ckpt_root, final)
-    os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
-    write_text_atomic(os.path.join(ckpt_root, LATEST), name + "\n")
+    try:
+        if os.path.exists(final):  # re-saving the same step: move the old copy aside (atomic), never delete in place
+            old = _retire(ckpt_root, final)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_root)
+        write_text_atomic(os.path.join(ckpt_root, LATEST), name + "\n")
+    except OSError as e:
+        raise _write_failure(e, run_dir, name) from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     if keep and keep > 0:
         prune_checkpoints(run_dir, keep)
     return final
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """An OSError (full disk, quota, permissions) or safetensors' own error for one while writing."""
+    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+
+
+def _write_failure(e: BaseException, run_dir: str, name: str) -> DpftError:
+    """One paragraph for a checkpoint that could not be written (the temporary copy is already removed)."""
+    import errno
+
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
+        reason = "the disk is full (no space left on device)"
+    elif getattr(e, "errno", None) == errno.EDQUOT or "quota" in text.lower():
+        reason = "the disk quota is exceeded"
+    elif isinstance(e, PermissionError) or "PermissionDenied" in text:
+        reason = "permission was denied (%s)" % text
+    else:
+        reason = text
+    kept = list_checkpoints(run_dir)
+    have = ("the newest complete one, '%s', is intact" % kept[-1]) if kept else "no earlier checkpoint exists yet"
+    return DpftError(
+        "Could not write checkpoint %s in '%s': %s. Nothing already saved was lost (a checkpoint is written to a "
+        "temporary directory and renamed only when complete; the unfinished copy was removed) and %s. Free space "
+        "on that disk (or move out= to another one) and continue the run with resume=true."
+        % (name, os.path.join(run_dir, CHECKPOINTS), reason, have))
 
 
 def _retire(ckpt_root: str, path: str) -> str:
@@ -410,18 +443,25 @@ def _pid_alive(pid: int) -> bool:
 
 # ---------------------------------------------------------------------------------------------- checksums
 _VERIFY_DEFAULT = [True]
+#: open :func:`verification` blocks' lists of files loaded although they failed their checksum (innermost last)
+_MISMATCH_LOGS = []  # type: List[List[str]]
 
 
 @contextlib.contextmanager
-def verification(enabled: bool) -> Iterator[None]:
+def verification(enabled: bool) -> Iterator[List[str]]:
     """Within the block, checkpoint loads that do not pass ``verify=`` explicitly verify checksums only when
-    ``enabled`` (``dpft rollout --no-verify`` wraps :func:`dpft.load_policy` in ``verification(False)``)."""
+    ``enabled`` (``dpft rollout --no-verify`` wraps :func:`dpft.load_policy` in ``verification(False)``). Yields a
+    list that collects the files loaded in the block although their checksum did not match (verification off:
+    each is also warned about on stderr)."""
     saved = _VERIFY_DEFAULT[0]
     _VERIFY_DEFAULT[0] = bool(enabled)
+    log = []  # type: List[str]
+    _MISMATCH_LOGS.append(log)
     try:
-        yield
+        yield log
     finally:
         _VERIFY_DEFAULT[0] = saved
+        _MISMATCH_LOGS.remove(log)
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -454,6 +494,33 @@ class ChecksumError(DpftError):
         self.path = path
 
 
+def damaged_step_advice(ckpt_dir: str) -> str:
+    """What to do about a damaged checkpoint directory: use (or resume from) the run's previous one."""
+    m = _STEP_RE.match(os.path.basename(os.path.normpath(ckpt_dir)))
+    older = []  # type: List[str]
+    if m:
+        run_root = os.path.dirname(os.path.abspath(ckpt_dir))
+        older = [c for c in list_checkpoints(run_root)
+                 if int(_STEP_RE.match(os.path.basename(c)).group(1)) < int(m.group(1))]  # type: ignore[union-attr]
+    if older:
+        return ("use the run's previous checkpoint '%s' (pass it as checkpoint=); to resume a run from it, delete "
+                "the damaged step directory '%s' first and pass resume=true." % (older[-1], ckpt_dir))
+    return "use another checkpoint (this run has no earlier one; retrain if there is no copy)."
+
+
+def _modified_after(meta_path: str, path: str) -> bool:
+    """meta.json is written last, within moments of the other files: a much later mtime means it was edited."""
+    try:
+        return os.path.getmtime(meta_path) > os.path.getmtime(path) + 2.0
+    except OSError:
+        return False
+
+
+def _load_anyway_note() -> str:
+    return ("Only evaluation can load damaged files anyway: dpft rollout --no-verify, or "
+            "dpft.load_policy(..., verify=False).")
+
+
 class _Checksums:
     """The checksums recorded in a checkpoint's meta.json; ``None`` entries mean: do not verify."""
 
@@ -461,10 +528,14 @@ class _Checksums:
         self.dir = ckpt_dir
         if verify is None:
             verify = _VERIFY_DEFAULT[0]
-        sums = meta.get(CHECKSUMS_KEY) if (verify and meta is not None) else None
+        self.warn_only = not verify  # verification off: compare anyway and warn about (never refuse) a mismatch
+        sums = meta.get(CHECKSUMS_KEY) if meta is not None else None
         if sums is not None and not isinstance(sums, dict):
-            raise DpftError("Checkpoint file '%s' has a '%s' entry that is not a JSON object; the file is damaged."
-                            % (os.path.join(ckpt_dir, META_FILE), CHECKSUMS_KEY))
+            if self.warn_only:
+                sums = None
+            else:
+                raise DpftError("Checkpoint file '%s' has a '%s' entry that is not a JSON object; the file is "
+                                "damaged." % (os.path.join(ckpt_dir, META_FILE), CHECKSUMS_KEY))
         self.sums = sums  # type: Optional[Dict[str, str]]
 
     def check(self, path: str, digest: str) -> None:
@@ -473,14 +544,35 @@ class _Checksums:
         rel = os.path.relpath(path, self.dir).replace(os.sep, "/")
         expected = self.sums.get(rel)
         meta = os.path.join(self.dir, META_FILE)
+        if self.warn_only:
+            if expected != digest:
+                print("dpft: warning: checkpoint file '%s' %s; loading it anyway because checksum verification is "
+                      "off (--no-verify / verify=False): results computed from it may be wrong."
+                      % (path, "has no checksum in '%s'" % meta if expected is None else
+                         "does not match the sha256 recorded in '%s' (the file was changed or damaged)" % meta),
+                      file=sys.stderr, flush=True)
+                for log in _MISMATCH_LOGS:
+                    log.append(path)
+            return
         if expected is None:
+            if rel in (MODEL_FILE, EMA_FILE, NORMALIZER_FILE, CONFIG_FILE) or rel.startswith(TRAINING_STATE + "/"):
+                raise ChecksumError("'%s' records no checksum for '%s', a file dpft writes into every checkpoint "
+                                    "together with its checksum: meta.json was edited or damaged (the file itself may "
+                                    "be fine). Restore meta.json from a copy, or %s %s"
+                                    % (meta, path, damaged_step_advice(self.dir), _load_anyway_note()), path)
             raise ChecksumError("Checkpoint file '%s' has no checksum in '%s': it was not written with the "
-                                "checkpoint. Remove it, or load without verification (verify=False; dpft rollout: "
-                                "--no-verify)." % (path, meta), path)
+                                "checkpoint. Remove it (it is not part of the checkpoint). %s"
+                                % (path, meta, _load_anyway_note()), path)
         if expected != digest:
+            if _modified_after(meta, path):
+                raise ChecksumError("'%s' does not match the sha256 that '%s' records for it, and meta.json was "
+                                    "modified after the file was written: meta.json was most likely edited (its "
+                                    "recorded checksums are what changed). Restore meta.json from a copy, or %s %s"
+                                    % (path, meta, damaged_step_advice(self.dir), _load_anyway_note()), path)
             raise ChecksumError("Checkpoint file '%s' is damaged: its sha256 is %s but '%s' recorded %s when it was "
-                                "written. Restore the file or use another checkpoint; to load it anyway pass "
-                                "verify=False (dpft rollout: --no-verify)." % (path, digest, meta, expected), path)
+                                "written. Restore the file from a copy, or %s %s"
+                                % (path, digest, meta, expected, damaged_step_advice(self.dir), _load_anyway_note()),
+                                path)
 
     def check_file(self, path: str) -> None:
         """Verify a file another module parses (hashes it separately)."""
@@ -538,6 +630,16 @@ def resolve_checkpoint(path: Any) -> str:
             raise DpftError("Run directory '%s' has no complete checkpoint in %s (no step_XXXXXXXX directory); "
                             "the run was stopped before its first save." % (path, root))
         return latest
+    from dpft.rundir import read_run_info
+
+    info = read_run_info(path)
+    if info is not None:  # a run killed (or still running) before its first checkpoint
+        kind = str(info.get("kind"))
+        how = ("continue it with `dpft %s ... out=%s resume=true`" % (kind, path) if kind in ("pretrain", "finetune")
+               else "run it again to completion")
+        raise DpftError("'%s' is a dpft %s run without any checkpoint yet (it stopped before its first save, or is "
+                        "still running): there is nothing to load. Wait for it, %s, or pass a run that has saved "
+                        "a checkpoint." % (path, kind, how))
     raise DpftError("'%s' is neither a dpft run directory (no checkpoints/ folder) nor a checkpoint directory "
                     "(no %s or %s)." % (path, META_FILE, MODEL_FILE))
 
@@ -608,16 +710,40 @@ def check_start_checkpoint(recorded: Mapping[str, Any], current: Mapping[str, An
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_tensors(path: str, checksums: Optional[_Checksums] = None) -> Dict[str, torch.Tensor]:
-    """Load a safetensors file to CPU tensors (DpftError naming a missing, damaged or checksum-failing file)."""
+def read_tensors(path: str, checksums: Optional[_Checksums] = None,
+                 allow_inf: bool = False) -> Dict[str, torch.Tensor]:
+    """Load a safetensors file to CPU tensors (DpftError naming a missing, damaged or checksum-failing file, or a
+    tensor holding NaN, or infinity unless ``allow_inf`` or the file is a trainer's ``tensors_<name>`` bookkeeping,
+    such as IN-RIL's m = inf)."""
     from safetensors.torch import load
 
     data = (checksums or _UNVERIFIED).read_bytes(path)
     try:
-        return load(data)
+        tensors = load(data)
     except Exception as e:  # SafetensorError, ValueError on truncated or foreign files
         raise DpftError("Checkpoint file '%s' cannot be read as safetensors (%s); the file is damaged."
                         % (path, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+    # training_state/tensors_<name>.safetensors hold a trainer's bookkeeping (e.g. IN-RIL's m = inf): never NaN
+    check_finite(tensors, path, allow_inf or os.path.basename(path).startswith("tensors_"))
+    return tensors
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], path: str, allow_inf: bool = False) -> None:
+    """Refuse NaN (and, unless ``allow_inf``, infinity) in any floating-point tensor read from ``path`` (a DpftError
+    naming the file, the tensor and how many entries): a checksum proves the file is what was written, not that it
+    is usable."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        bad = int(torch.isnan(t).sum()) if allow_inf else int((~torch.isfinite(t)).sum())
+        if bad:
+            raise DpftError(
+                "Checkpoint file '%s' holds %d non-finite value(s) (NaN or infinity) of %d in tensor '%s', so it "
+                "cannot be used: the training run that wrote it diverged, or the file was changed (its checksum "
+                "only proves it is the file that was written). Use an earlier checkpoint of the run (the other "
+                "checkpoints/step_XXXXXXXX directories; pass one as checkpoint=), or retrain with a lower learning "
+                "rate." % (path, bad, t.numel(), name))
 
 
 def read_json(path: str, checksums: Optional[_Checksums] = None) -> Any:
@@ -740,6 +866,7 @@ __all__ = [
     "find_latest", "list_checkpoints", "resolve_checkpoint", "prune_checkpoints", "clean_stale_tmp",
     "step_dir_name", "write_text_atomic", "save_tensors", "read_tensors", "read_json",
     "split_optimizer_state", "join_optimizer_state", "is_checkpoint_dir", "verification", "checksum_tree",
+    "check_finite",
     "sha256_file", "CHECKSUMS_KEY", "ChecksumError", "checkpoint_identity", "identity_differences",
     "check_start_checkpoint", "START_CHECKPOINT_FILE", "default_file_mode",
 ]

@@ -124,6 +124,15 @@ def cmd_data(args: List[str]) -> int:
     if not args or any(a in ("-h", "--help") for a in args):
         print(DATA_HELP)
         return 0
+    if "--show-config" in args:  # the same flag as every command's; this one has no options to show
+        print("dpft data info has no options (it takes one FILE.hdf5), so there is no config to show; "
+              "dpft data --help describes it.")
+        return 0
+    flags = [a for a in args if a.startswith("-")]
+    if flags:
+        raise DpftError("Unknown flag %r for `dpft data`: the flags are --help and --show-config "
+                        "(dpft data info FILE.hdf5; a file name starting with '-' can be given as ./%s)."
+                        % (flags[0], flags[0]))
     if args[0] != "info":
         raise DpftError(f"Unknown `dpft data` subcommand {args[0]!r}; the subcommand is info: "
                         f"dpft data info FILE.hdf5 (dpft data --help).")
@@ -221,9 +230,13 @@ def cmd_demos(args: List[str]) -> int:
         camera_size=cfg.camera_size, keep_failures=cfg.keep_failures, valid_ratio=cfg.valid_ratio,
         max_steps=cfg.max_episode_steps, progress=cfg.progress, overwrite=cfg.overwrite,
     )
-    print(f"wrote {summary.get('kept')} demos ({summary.get('samples')} samples) to {cfg.out}; "
+    print(f"wrote {_demos(summary.get('kept'))} ({summary.get('samples')} samples) to {cfg.out}; "
           f"expert success {summary.get('success_rate', float('nan')):.0%} over {summary.get('attempted')} attempts")
     return 0
+
+
+def _demos(n) -> str:
+    return "1 demo" if n == 1 else "%s demos" % n
 
 
 def _record_policy_demos(cfg) -> int:
@@ -237,8 +250,9 @@ def _record_policy_demos(cfg) -> int:
         valid_ratio=cfg.valid_ratio, weights=cfg.weights, device=cfg.device, progress=cfg.progress,
         overwrite=cfg.overwrite,
     )
-    print(f"wrote {s['kept']} demos ({s['samples']} samples) of {s['env_name']} to {s['path']}; mean return "
-          f"{s['mean_return']:.3f}, {s['kept']} kept of {s['attempted']} episodes (success {s['success_rate']:.0%})")
+    success = "" if s.get("success_rate") is None else f" (success {s['success_rate']:.0%})"  # None: no signal
+    print(f"wrote {_demos(s['kept'])} ({s['samples']} samples) of {s['env_name']} to {s['path']}; mean return "
+          f"{s['mean_return']:.3f}, {s['kept']} kept of {s['attempted']} episodes{success}")
     return 0
 
 
@@ -270,17 +284,37 @@ def cmd_rollout(args: List[str]) -> int:
 
 
 def cmd_quickstart(args: List[str]) -> int:
-    want_help, _, rest = _split_help(args)
-    from dpft.agents.quickstart import QUICKSTART_HELP, quickstart, parse_quickstart_args
+    want_help, show, rest = _split_help(args)
+    from dpft.agents.quickstart import QUICKSTART_HELP, quickstart, parse_quickstart_args, show_quickstart_config
 
     if want_help:
         print(QUICKSTART_HELP)
         return 0
-    quickstart(**parse_quickstart_args(rest))
+    kwargs = parse_quickstart_args(rest)
+    if show:  # the options it would run with, and the fixed recipes of its stages; nothing is run
+        print(show_quickstart_config(kwargs))
+        return 0
+    quickstart(**kwargs)
     return 0
 
 
+INFO_HELP = """Usage: dpft info
+
+Print dpft's version, Python, torch, CUDA, simulator and rendering-backend versions (paste into bug reports).
+It takes no options."""
+
+
 def cmd_info(args: List[str]) -> int:
+    want_help, show, rest = _split_help(args)
+    if want_help:
+        print(INFO_HELP)
+        return 0
+    if show:
+        print("dpft info has no options, so there is no config to show; dpft info --help describes it.")
+        return 0
+    if rest:
+        raise DpftError("dpft info takes no options; got %s. Run `dpft info` alone (dpft info --help)."
+                        % " ".join(repr(a) for a in rest))
     from dpft.sysinfo import system_report
 
     print(system_report())

@@ -15,19 +15,15 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from dpft.errors import DpftError
+from dpft.ranges import _f, check_ranges as _check_field_ranges, range_text as _range_text  # noqa: F401
 
+#: what an unset max_episode_steps means (every command that has the option: demos, rollout, finetune)
+MAX_EPISODE_STEPS_MEANING = "leave it unset, or pass max_episode_steps=null, for the task's own limit"
 ROBOMIMIC_LOW_DIM_KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
 POLICY_NAMES = ("diffusion_mlp", "diffusion_unet", "gaussian_mlp")
 # The one table of policy defaults is PolicyConfig below (dpft.models.build_policy_model reads it too); the only
 # default that depends on the policy name is the MLP width:
 DEFAULT_MLP_DIMS = {"diffusion_mlp": [512, 512, 512], "gaussian_mlp": [256, 256, 256]}
-
-
-def _f(default: Any = None, help: str = "", factory=None):
-    """A dataclass field carrying its help text (shown by ``dpft <command> --help``)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -36,36 +32,42 @@ class PolicyConfig:
 
     name: str = _f("diffusion_mlp", "diffusion_mlp | diffusion_unet | gaussian_mlp")
     # diffusion
-    denoising_steps: int = _f(20, "diffusion steps K the denoiser is trained with")
+    denoising_steps: int = _f(20, "diffusion steps K the denoiser is trained with", range=">=1")
     use_ddim: bool = _f(False, "sample with DDIM instead of DDPM")
-    ddim_steps: Optional[int] = _f(None, "DDIM sampling steps (required when use_ddim)")
-    ddim_eta: float = _f(1.0, "DDIM eta for stochastic sampling (1 = DDPM-like noise, as DPPO); deterministic uses 0")
-    ft_denoising_steps: int = _f(0, "last K' sampling steps served by a trainable copy (RL fine-tuning; 0 = none)")
-    min_sampling_denoising_std: float = _f(0.1, "floor on the per-step std when sampling stochastically")
-    min_logprob_denoising_std: float = _f(0.1, "floor on the per-step std in log-probabilities (RL; > 0)")
-    randn_clip_value: float = _f(10.0, "clip on the Gaussian noise drawn while sampling")
-    denoised_clip_value: Optional[float] = _f(1.0, "clip on the predicted x0 (null = no clip)")
+    ddim_steps: Optional[int] = _f(None, "DDIM sampling steps (required when use_ddim)", range=">=1")
+    ddim_eta: float = _f(1.0, "DDIM eta for stochastic sampling (1 = DDPM-like noise, as DPPO); deterministic uses 0",
+                         range="[0,1]", meaning='0 = deterministic DDIM, 1 = DDPM-like noise')
+    ft_denoising_steps: int = _f(0, "last K' sampling steps served by a trainable copy (RL fine-tuning; 0 = none)",
+                                 range=">=0", meaning='0 = no fine-tuned copy')
+    min_sampling_denoising_std: float = _f(0.1, "floor on the per-step std when sampling stochastically", range=">=0")
+    min_logprob_denoising_std: float = _f(0.1, "floor on the per-step std in log-probabilities (RL; > 0)",
+                                          range=">0", meaning='a std floor; log-probabilities need it > 0')
+    randn_clip_value: float = _f(10.0, "clip on the Gaussian noise drawn while sampling", range=">0")
+    denoised_clip_value: Optional[float] = _f(1.0, "clip on the predicted x0 (null = no clip)", range=">0")
     # MLP denoiser / Gaussian MLP
     mlp_dims: Optional[List[int]] = _f(None, "hidden layer widths of the MLP (null = [512,512,512] for diffusion_mlp, "
-                                             "[256,256,256] for gaussian_mlp)")
+                                             "[256,256,256] for gaussian_mlp)", range=">=1", meaning='layer widths')
     residual_style: bool = _f(True, "residual MLP blocks (DPPO style)")
     layer_norm: bool = _f(False, "LayerNorm in the MLP blocks")
     activation: str = _f("mish", "mish | relu | gelu | elu | silu")
-    time_dim: int = _f(16, "sinusoidal diffusion-time embedding size (MLP denoiser)")
-    cond_mlp_dims: Optional[List[int]] = _f(None, "optional MLP on the flattened observation before the denoiser")
+    time_dim: int = _f(16, "sinusoidal diffusion-time embedding size (MLP denoiser)", range=">=1")
+    cond_mlp_dims: Optional[List[int]] = _f(None, "optional MLP on the flattened observation before the denoiser",
+                                            range=">=1", meaning='layer widths')
     # UNet denoiser
-    down_dims: List[int] = _f(help="UNet channel widths per level", factory=lambda: [64, 128])
-    kernel_size: int = _f(5, "UNet conv kernel size")
-    n_groups: int = _f(8, "UNet GroupNorm groups")
-    diffusion_step_embed_dim: int = _f(64, "UNet time embedding size")
+    down_dims: List[int] = _f(help="UNet channel widths per level", factory=lambda: [64, 128],
+                              range=">=1", meaning='channel widths')
+    kernel_size: int = _f(5, "UNet conv kernel size", range=">=1")
+    n_groups: int = _f(8, "UNet GroupNorm groups", range=">=1")
+    diffusion_step_embed_dim: int = _f(64, "UNet time embedding size", range=">=1")
     cond_predict_scale: bool = _f(True, "UNet FiLM predicts scale and bias (else bias only)")
     # pixels
-    image_feature_dim: int = _f(64, "feature size of each camera's CNN encoder")
-    random_shift_pad: int = _f(4, "random-shift augmentation padding in pixels (0 = off)")
+    image_feature_dim: int = _f(64, "feature size of each camera's CNN encoder", range=">=1")
+    random_shift_pad: int = _f(4, "random-shift augmentation padding in pixels (0 = off)",
+                               range=">=0", meaning='0 = no augmentation')
     # Gaussian
-    std_min: float = _f(0.01, "lower bound of the Gaussian policy std (normalized action units)")
-    std_max: float = _f(1.0, "upper bound of the Gaussian policy std")
-    init_std: float = _f(0.1, "initial Gaussian policy std")
+    std_min: float = _f(0.01, "lower bound of the Gaussian policy std (normalized action units)", range=">0")
+    std_max: float = _f(1.0, "upper bound of the Gaussian policy std", range=">0")
+    init_std: float = _f(0.1, "initial Gaussian policy std", range=">0")
     tanh_mean: bool = _f(True, "tanh-bound the Gaussian mean to [-1, 1]")
 
     def validate(self) -> None:
@@ -91,7 +93,8 @@ class DataConfig:
 
     train_filter_key: Optional[str] = _f("train", "mask/<key> listing training demos (used when present)")
     valid_filter_key: Optional[str] = _f("valid", "mask/<key> listing validation demos (used when present)")
-    valid_ratio: float = _f(0.1, "fraction of demos held out when the file has no filter keys (seeded split)")
+    valid_ratio: float = _f(0.1, "fraction of demos held out when the file has no filter keys (seeded split)",
+                            range="[0,1)")
 
 
 @dataclass
@@ -105,24 +108,28 @@ class PretrainConfig:
     data: DataConfig = _f(help="train/valid split", factory=DataConfig)
     obs_keys: List[str] = _f(help="observation keys, low-dim ones concatenated in this order; *_image keys are cameras",
                              factory=lambda: list(ROBOMIMIC_LOW_DIM_KEYS))
-    horizon_steps: int = _f(4, "actions predicted per chunk (1 = no chunking)")
-    cond_steps: int = _f(1, "observations in the history window")
-    act_steps: int = _f(4, "actions of a chunk executed before re-planning (<= horizon_steps)")
-    steps: int = _f(20000, "total optimizer steps")
-    batch_size: int = _f(256, "global batch size (split evenly across DDP ranks)")
-    lr: float = _f(1e-4, "peak learning rate (AdamW)")
-    weight_decay: float = _f(1e-6, "AdamW weight decay")
-    warmup_steps: int = _f(500, "linear warm-up steps before the cosine decay")
-    min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr")
-    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
-    ema_decay: float = _f(0.999, "EMA decay (warm-up: min(ema_decay, (1+step)/(10+step))); 0 = no EMA")
-    save_every: int = _f(2000, "checkpoint period in steps (a final checkpoint is always written)")
-    val_every: int = _f(1000, "validation-loss period in steps (0 = off)")
-    log_every: int = _f(50, "metrics period in steps")
-    keep_checkpoints: int = _f(3, "newest checkpoints kept (0 = keep all)")
-    seed: int = _f(0, "random seed (data order, noise, initialization)")
+    horizon_steps: int = _f(4, "actions predicted per chunk (1 = no chunking)", range=">=1")
+    cond_steps: int = _f(1, "observations in the history window", range=">=1")
+    act_steps: int = _f(4, "actions of a chunk executed before re-planning (<= horizon_steps)", range=">=1")
+    steps: int = _f(20000, "total optimizer steps", range=">=1")
+    batch_size: int = _f(256, "global batch size (split evenly across DDP ranks)", range=">=1")
+    lr: float = _f(1e-4, "peak learning rate (AdamW)", range=">0")
+    weight_decay: float = _f(1e-6, "AdamW weight decay", range=">=0", meaning='0 = no weight decay')
+    warmup_steps: int = _f(500, "linear warm-up steps before the cosine decay", range=">=0", meaning='0 = no warm-up')
+    min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr",
+                             range="[0,1]", meaning='the final learning rate as a fraction of lr')
+    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)", range=">=0", meaning='0 turns clipping off')
+    ema_decay: float = _f(0.999, "EMA decay (warm-up: min(ema_decay, (1+step)/(10+step))); 0 = no EMA",
+                          range="[0,1)", meaning='0 = no EMA')
+    save_every: int = _f(2000, "checkpoint period in steps (a final checkpoint is always written)", range=">=1")
+    val_every: int = _f(1000, "validation-loss period in steps (0 = off)",
+                        range=">=0", meaning='0 turns validation off')
+    log_every: int = _f(50, "metrics period in steps", range=">=1")
+    keep_checkpoints: int = _f(3, "newest checkpoints kept (0 = keep all)", range=">=0", meaning='0 = keep all')
+    seed: int = _f(0, "random seed (data order, noise, initialization)", range="[0,2147483647]")
     device: str = _f("auto", "cpu | cuda | cuda:N | auto")
-    num_threads: Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
+    num_threads: Optional[int] = _f(None, "torch CPU threads (default: torch's choice)",
+                                    range=">=1", meaning="unset = torch's choice")
     resume: bool = _f(False, "continue from the newest checkpoint in `out`")
     overwrite: bool = _f(False, "delete the dpft run already in `out` and start over (never a non-dpft directory)")
     logger: str = _f("none", "none | wandb (metrics.jsonl and loss_curve.png are always written)")
@@ -131,7 +138,7 @@ class PretrainConfig:
     progress: bool = _f(True, "show a progress bar")
 
     def validate(self) -> None:
-        check_ranges(self)  # every numeric setting, with its name (RANGES below)
+        check_ranges(self)  # every numeric setting against the range its field declares
         if not self.dataset:
             raise DpftError("dataset=FILE.hdf5 is required: the robomimic-format HDF5 file to train on.")
         if not self.out:
@@ -169,28 +176,29 @@ class DemosConfig:
 
     task: Optional[str] = _f(None, "scripted expert: lift (default) | can | square; with policy=: optional, must match "
                                    "the checkpoint's env (hopper, lift, ...)")
-    num: int = _f(50, "successful demonstrations to write")
+    num: int = _f(50, "successful demonstrations to write", range=">=1")
     out: Optional[str] = _f(None, "output HDF5 file (required)")
     overwrite: bool = _f(False, "replace an existing out= file (it stays until the new one is complete)")
-    seed: int = _f(0, "episode i uses seed + i")
+    seed: int = _f(0, "episode i uses seed + i", range="[0,2147483647]")
     noise: float = _f(0.0, "imperfection level: 0 = clean expert, 0.3-1.0 = human-like noisy demos; with policy=: "
-                           "std of Gaussian action noise in normalized action units")
+                           "std of Gaussian action noise in normalized action units", range=">=0", meaning='0 = clean')
     image_obs: bool = _f(False, "also record camera images (<camera>_image, uint8)")
-    camera_size: int = _f(84, "camera image height and width")
+    camera_size: int = _f(84, "camera image height and width", range="[8,4096]", meaning='pixels')
     keep_failures: bool = _f(False, "keep failed episodes too")
-    valid_ratio: float = _f(0.1, "fraction of demos listed in mask/valid")
+    valid_ratio: float = _f(0.1, "fraction of demos listed in mask/valid", range="[0,1)")
     progress: bool = _f(True, "show a progress bar")
     # recording a checkpoint (policy=RUN_DIR; dpft.envs.record.record_demos)
     policy: Optional[str] = _f(None, "record rollouts of this run/checkpoint directory instead of a scripted expert")
-    envs: int = _f(1, "policy=: parallel environments")
+    envs: int = _f(1, "policy=: parallel environments", range=">=1")
     deterministic: bool = _f(True, "policy=: deterministic sampling (Gaussian mean, DDIM eta 0 / DDPM min std)")
     min_return: Optional[float] = _f(None, "policy=: drop episodes whose return is below this")
-    max_episode_steps: Optional[int] = _f(None, "episode limit (default: the task's)")
+    max_episode_steps: Optional[int] = _f(None, "episode limit (null = the task's)", range=">=1",
+                                          meaning=MAX_EPISODE_STEPS_MEANING)
     weights: str = _f("ema", "policy=: ema | model weights of the checkpoint")
     device: str = _f("cpu", "policy=: cpu | cuda | auto (policy inference device)")
 
     def validate(self) -> None:
-        check_ranges(self)  # every numeric setting, with its name (RANGES below)
+        check_ranges(self)  # every numeric setting against the range its field declares
         if not self.out:
             raise DpftError("out=FILE.hdf5 is required: where to write the demonstrations.")
         if self.envs < 1:
@@ -206,25 +214,27 @@ class RolloutConfig:
     """``dpft rollout``: run a checkpoint in its environment, score it and render videos."""
 
     checkpoint: Optional[str] = _f(None, "run directory or checkpoint directory (required)")
-    episodes: int = _f(10, "episodes to run (episode i uses seed + i)")
-    envs: int = _f(0, "parallel environments (0 = min(episodes, CPU cores))")
-    seed: int = _f(100000, "seed of the first episode (default away from the demo seeds)")
+    episodes: int = _f(10, "episodes to run (episode i uses seed + i)", range=">=1")
+    envs: int = _f(0, "parallel environments (0 = min(episodes, CPU cores))", range=">=0", meaning='0 = automatic')
+    seed: int = _f(100000, "seed of the first episode (default away from the demo seeds)", range="[0,2147483647]")
     video: bool = _f(False, "write MP4 videos")
-    videos: int = _f(4, "how many episodes to record when video=true (0 = all)")
+    videos: int = _f(4, "how many episodes to record when video=true (0 = all)",
+                     range=">=0", meaning='0 = all episodes')
     out: Optional[str] = _f(None, "output directory (default: RUN_DIR/rollout/step_XXXXXXXX of the evaluated checkpoint)")
     overwrite: bool = _f(False, "replace the result.json and videos of an earlier rollout in out=")
     weights: str = _f("ema", "ema | model: which weights of the checkpoint to run")
     deterministic: bool = _f(True, "deterministic sampling (DDIM eta 0 / DDPM min std / Gaussian mean)")
     device: str = _f("cpu", "cpu | cuda | auto (policy inference device)")
-    max_episode_steps: Optional[int] = _f(None, "override the task's episode length")
+    max_episode_steps: Optional[int] = _f(None, "override the task's episode length",
+                                          range=">=1", meaning=MAX_EPISODE_STEPS_MEANING)
     terminate_on_success: bool = _f(True, "end an episode when the task succeeds")
-    video_size: int = _f(256, "video frame size (square)")
+    video_size: int = _f(256, "video frame size (square)", range="[16,4096]", meaning='pixels')
     camera: Optional[str] = _f(None, "camera to render (default agentview)")
     verify: bool = _f(True, "check the checkpoint's sha256 checksums (false = --no-verify: load damaged files anyway)")
     progress: bool = _f(True, "show a progress bar")
 
     def validate(self) -> None:
-        check_ranges(self)  # every numeric setting, with its name (RANGES below)
+        check_ranges(self)  # every numeric setting against the range its field declares
         if not self.checkpoint:
             raise DpftError("checkpoint=RUN_DIR is required: a run directory or checkpoint directory to roll out.")
         if self.episodes < 1:
@@ -339,7 +349,12 @@ def _hydra_message(e: Exception) -> str:
             break
         if ln.strip():
             lines.append(ln)
-    msg = " ".join(ln.strip() for ln in lines[:12]) if lines else type(e).__name__
+    avail = [k for k, ln in enumerate(lines) if "Available options" in ln]
+    if avail:  # a config group's option list, one per line: keep all of it
+        k = avail[0]
+        msg = " ".join(ln.strip() for ln in lines[:k + 1]) + " " + ", ".join(ln.strip() for ln in lines[k + 1:]) + "."
+    else:
+        msg = " ".join(ln.strip() for ln in lines[:12]) if lines else type(e).__name__
     cause = e.__cause__ or e.__context__
     if cause is not None and str(cause).strip():
         detail = _omegaconf_message(cause)
@@ -368,116 +383,24 @@ def describe_schema(schema: type, prefix: str = "", defaults: Optional[Any] = No
             lines.extend(describe_schema(type(value), prefix + f.name + ".", value))
             continue
         help_text = f.metadata.get("help", "")
+        if f.metadata.get("range") is not None:
+            help_text += " [%s]" % _range_text(*f.metadata["range"])
         lines.append(f"  {prefix + f.name:<36} {value!r:<24} {help_text}")
     return lines
 
 
 # ---------------------------------------------------------------------------------------------- ranges
-_INF = float("inf")
-
-#: per schema: (field, low, high, low inclusive, high inclusive, None allowed, what the value means)
-RANGES: Dict[str, List[tuple]] = {
-    "PolicyConfig": [
-        ("denoising_steps", 1, _INF, True, True, False, ""),
-        ("ddim_steps", 1, _INF, True, True, True, ""),
-        ("ddim_eta", 0.0, 1.0, True, True, False, "0 = deterministic DDIM, 1 = DDPM-like noise"),
-        ("ft_denoising_steps", 0, _INF, True, True, False, "0 = no fine-tuned copy"),
-        ("min_sampling_denoising_std", 0.0, _INF, True, True, False, ""),
-        ("min_logprob_denoising_std", 0.0, _INF, False, True, False, "a std floor; log-probabilities need it > 0"),
-        ("randn_clip_value", 0.0, _INF, False, True, False, ""),
-        ("denoised_clip_value", 0.0, _INF, False, True, True, ""),
-        ("mlp_dims", 1, _INF, True, True, True, "layer widths"),
-        ("time_dim", 1, _INF, True, True, False, ""),
-        ("cond_mlp_dims", 1, _INF, True, True, True, "layer widths"),
-        ("down_dims", 1, _INF, True, True, False, "channel widths"),
-        ("kernel_size", 1, _INF, True, True, False, ""),
-        ("n_groups", 1, _INF, True, True, False, ""),
-        ("diffusion_step_embed_dim", 1, _INF, True, True, False, ""),
-        ("image_feature_dim", 1, _INF, True, True, False, ""),
-        ("random_shift_pad", 0, _INF, True, True, False, "0 = no augmentation"),
-        ("std_min", 0.0, _INF, False, True, False, ""),
-        ("std_max", 0.0, _INF, False, True, False, ""),
-        ("init_std", 0.0, _INF, False, True, False, ""),
-    ],
-    "DataConfig": [("valid_ratio", 0.0, 1.0, True, False, False, "")],
-    "PretrainConfig": [
-        ("horizon_steps", 1, _INF, True, True, False, ""),
-        ("cond_steps", 1, _INF, True, True, False, ""),
-        ("act_steps", 1, _INF, True, True, False, ""),
-        ("steps", 1, _INF, True, True, False, ""),
-        ("batch_size", 1, _INF, True, True, False, ""),
-        ("lr", 0.0, _INF, False, True, False, ""),
-        ("weight_decay", 0.0, _INF, True, True, False, "0 = no weight decay"),
-        ("warmup_steps", 0, _INF, True, True, False, "0 = no warm-up"),
-        ("min_lr_ratio", 0.0, 1.0, True, True, False, "the final learning rate as a fraction of lr"),
-        ("grad_clip", 0.0, _INF, True, True, False, "0 turns clipping off"),
-        ("ema_decay", 0.0, 1.0, True, False, False, "0 = no EMA"),
-        ("save_every", 1, _INF, True, True, False, ""),
-        ("val_every", 0, _INF, True, True, False, "0 turns validation off"),
-        ("log_every", 1, _INF, True, True, False, ""),
-        ("keep_checkpoints", 0, _INF, True, True, False, "0 = keep all"),
-        ("seed", 0, 2 ** 31 - 1, True, True, False, ""),
-        ("num_threads", 1, _INF, True, True, True, "unset = torch's choice"),
-    ],
-    "DemosConfig": [
-        ("num", 1, _INF, True, True, False, ""),
-        ("seed", 0, 2 ** 31 - 1, True, True, False, ""),
-        ("noise", 0.0, _INF, True, True, False, "0 = clean"),
-        ("camera_size", 8, 4096, True, True, False, "pixels"),
-        ("valid_ratio", 0.0, 1.0, True, False, False, ""),
-    ],
-    "RolloutConfig": [
-        ("episodes", 1, _INF, True, True, False, ""),
-        ("envs", 0, _INF, True, True, False, "0 = automatic"),
-        ("seed", 0, 2 ** 31 - 1, True, True, False, ""),
-        ("videos", 0, _INF, True, True, False, "0 = all episodes"),
-        ("max_episode_steps", 1, _INF, True, True, True, "unset = the task's"),
-        ("video_size", 16, 4096, True, True, False, "pixels"),
-    ],
-}
-
-
-def _range_text(lo: float, hi: float, lo_inc: bool, hi_inc: bool) -> str:
-    def num(x: float) -> str:
-        return ("%d" % x) if float(x).is_integer() else repr(x)
-
-    if hi == _INF:
-        return "%s %s" % (">=" if lo_inc else ">", num(lo))
-    return "in %s%s, %s%s" % ("[" if lo_inc else "(", num(lo), num(hi), "]" if hi_inc else ")")
-
-
 def check_ranges(obj: Any, prefix: str = "") -> None:
-    """Check every numeric field of a schema instance (and its sub-sections) against :data:`RANGES`; raises a
-    DpftError naming the key (dotted), the value and the allowed range. NaN and infinity are always refused."""
-    import math
-
+    """Check every field of a schema instance (and its sub-sections) against the range it declares
+    (:func:`dpft.ranges.check_ranges`, ``_f(..., range=...)``), then the policy settings that constrain each other;
+    raises a DpftError naming the key (dotted), the value and the allowed range."""
+    _check_field_ranges(obj, prefix)
     for f in fields(obj):
         value = getattr(obj, f.name)
-        if is_dataclass(value):
-            check_ranges(value, prefix + f.name + ".")
-    if type(obj).__name__ == "PolicyConfig":
+        if isinstance(value, PolicyConfig):
+            _check_policy_relations(value, prefix + f.name + ".")
+    if isinstance(obj, PolicyConfig):
         _check_policy_relations(obj, prefix)
-    for name, lo, hi, lo_inc, hi_inc, none_ok, meaning in RANGES.get(type(obj).__name__, []):
-        if not hasattr(obj, name):
-            continue
-        value = getattr(obj, name)
-        key = prefix + name
-        if value is None:
-            if none_ok:
-                continue
-            raise DpftError(f"{key} must be set (a number {_range_text(lo, hi, lo_inc, hi_inc)}).")
-        values = list(value) if isinstance(value, (list, tuple)) else [value]
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                continue  # the schema's types are checked by OmegaConf
-            ok = math.isfinite(v) and (v >= lo if lo_inc else v > lo) and (v <= hi if hi_inc else v < hi)
-            if not ok:
-                shown = value if isinstance(value, (list, tuple)) else v
-                if isinstance(value, (list, tuple)):
-                    shown = "[" + ",".join(str(x) for x in value) + "]"
-                each = " in every entry" if isinstance(value, (list, tuple)) else ""
-                raise DpftError(f"{key}={shown} must be {_range_text(lo, hi, lo_inc, hi_inc)}{each}"
-                                + (f" ({meaning})." if meaning else "."))
 
 
 def _check_policy_relations(p: Any, prefix: str) -> None:

@@ -56,9 +56,13 @@ def _as_array(x: Any, key: str) -> Union[np.ndarray, torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return x.detach()
     try:
-        return np.ascontiguousarray(x)
+        arr = np.ascontiguousarray(x)
     except Exception:  # ragged lists and odd objects
         raise DpftError("Observation '%s' cannot be turned into an array (got %s)." % (key, type(x).__name__)) from None
+    if arr.dtype.kind not in "biuf":  # strings, objects, complex: not an observation whatever their shape
+        raise DpftError("Observation '%s' must hold numbers (an array of floats, ints or bools); got %s %r."
+                        % (key, type(x).__name__, x if arr.size <= 4 else arr.dtype))
+    return arr
 
 
 class Policy:
@@ -307,7 +311,8 @@ def load_weights(model: nn.Module, ckpt: Any, weights: str = "ema") -> str:
     return "model"
 
 
-def load_policy(path: Any, weights: str = "ema", device: Union[str, torch.device] = "cpu") -> Policy:
+def load_policy(path: Any, weights: str = "ema", device: Union[str, torch.device] = "cpu",
+                verify: Optional[bool] = None) -> Policy:
     """Rebuild a :class:`Policy` from a run directory, its ``checkpoints/`` folder or a checkpoint directory.
 
     Args:
@@ -315,7 +320,19 @@ def load_policy(path: Any, weights: str = "ema", device: Union[str, torch.device
         weights: ``"ema"`` (default; falls back to the live weights, with ``policy.weights == "model"``,
             when the run had ``ema_decay=0``) or ``"model"``.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        verify: check the files against the sha256 checksums in meta.json (``None``: the
+            :func:`dpft.checkpoint.verification` default, True). ``False`` loads damaged files anyway, with a
+            warning naming each file that fails its checksum (``dpft rollout --no-verify``).
     """
+    if verify is not None:  # also for the files a policy kind's builder reads itself (e.g. IDQL's critics)
+        from dpft.checkpoint import verification
+
+        with verification(verify):
+            return _load_policy(path, weights, device)
+    return _load_policy(path, weights, device)
+
+
+def _load_policy(path: Any, weights: str, device: Union[str, torch.device]) -> Policy:
     from dpft.checkpoint import load_checkpoint
     from dpft.config import PretrainConfig, from_yaml_text
 

@@ -378,7 +378,7 @@ def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0,
         camera_names = [camera_names]
     camera_names = list(camera_names)
     env_args = default_env_args(task, image_obs=image_obs, camera_names=camera_names, camera_size=camera_size)
-    writer = DemoFileWriter(out, "make_demos", overwrite=overwrite)  # checks and locks the path before the simulator
+    writer = DemoFileWriter(out, "dpft demos", overwrite=overwrite)  # checks and locks the path before the simulator
 
     # the episodes run without camera observables (robosuite would render every step, before the kinematics are
     # refreshed); images are rendered from the refreshed state by observe()

@@ -154,17 +154,17 @@ def _is_int(x: Any) -> bool:
 def _check_args(num: Any, seed: Any, envs: Any, noise: Any, min_return: Any, max_episode_steps: Any,
                 valid_ratio: Any, max_attempts: Any) -> None:
     if not _is_int(num) or num < 1:
-        raise DpftError("record_demos: num (demonstrations to keep) must be an integer >= 1, got {!r}.".format(num))
+        raise DpftError("Recording demos: num (demonstrations to keep) must be an integer >= 1, got {!r}.".format(num))
     if not _is_int(seed) or seed < 0:
-        raise DpftError("record_demos: seed must be a non-negative integer, got {!r}.".format(seed))
+        raise DpftError("Recording demos: seed must be a non-negative integer, got {!r}.".format(seed))
     if not _is_int(envs) or envs < 1:
-        raise DpftError("record_demos: envs (parallel environments) must be an integer >= 1, got {!r}.".format(envs))
+        raise DpftError("Recording demos: envs (parallel environments) must be an integer >= 1, got {!r}.".format(envs))
     try:
         noise_f = float(noise)
     except (TypeError, ValueError):
         noise_f = float("nan")
     if not np.isfinite(noise_f) or noise_f < 0:
-        raise DpftError("record_demos: noise (std of the Gaussian action noise, normalized action units) must be a "
+        raise DpftError("Recording demos: noise (std of the Gaussian action noise, normalized action units) must be a "
                         "finite number >= 0, got {!r}.".format(noise))
     if min_return is not None:
         try:
@@ -172,18 +172,18 @@ def _check_args(num: Any, seed: Any, envs: Any, noise: Any, min_return: Any, max
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise DpftError("record_demos: min_return must be a finite number or None, got {!r}.".format(min_return))
+            raise DpftError("Recording demos: min_return must be a finite number or None, got {!r}.".format(min_return))
     if max_episode_steps is not None and (not _is_int(max_episode_steps) or max_episode_steps < 1):
-        raise DpftError("record_demos: max_episode_steps must be a positive integer or None, got {!r}.".format(
+        raise DpftError("Recording demos: max_episode_steps must be a positive integer or None, got {!r}.".format(
             max_episode_steps))
     try:
         ratio = float(valid_ratio)
     except (TypeError, ValueError):
         ratio = float("nan")
     if not 0.0 <= ratio < 1.0:
-        raise DpftError("record_demos: valid_ratio must be in [0, 1), got {!r}.".format(valid_ratio))
+        raise DpftError("Recording demos: valid_ratio must be in [0, 1), got {!r}.".format(valid_ratio))
     if max_attempts is not None and (not _is_int(max_attempts) or max_attempts < num):
-        raise DpftError("record_demos: max_attempts must be an integer >= num ({}), got {!r}.".format(
+        raise DpftError("Recording demos: max_attempts must be an integer >= num ({}), got {!r}.".format(
             num, max_attempts))
 
 
@@ -191,12 +191,12 @@ def _load(policy: Any, weights: str, device: str) -> Tuple[Any, str]:
     """The policy object and a description of where it came from (a path is loaded with dpft.load_policy)."""
     if not isinstance(policy, (str, os.PathLike)):
         if not callable(getattr(policy, "act", None)) or getattr(policy, "meta", None) is None:
-            raise DpftError("record_demos: policy must be a run directory / checkpoint directory or an object with "
+            raise DpftError("Recording demos: policy must be a run directory / checkpoint directory or an object with "
                             "act(obs, deterministic) and meta (dpft.load_policy returns one); got {!r}.".format(policy))
         return policy, repr(policy)
     path = os.fspath(policy)
     if not os.path.isdir(path):
-        raise DpftError("record_demos: policy={!r} is not a directory; pass a dpft run directory (RUN_DIR: its newest "
+        raise DpftError("Recording demos: policy={!r} is not a directory; pass a dpft run directory (RUN_DIR: its newest "
                         "checkpoint is used) or a checkpoint directory (RUN_DIR/checkpoints/step_XXXXXXXX).".format(path))
     from dpft.envs.registry import import_isaacgym_if_needed
 
@@ -206,7 +206,7 @@ def _load(policy: Any, weights: str, device: str) -> Tuple[Any, str]:
     try:
         return dpft.load_policy(path, weights=weights, device=device), os.path.abspath(path)
     except DpftError as e:
-        raise DpftError("record_demos: policy={!r} is not a usable dpft checkpoint: {}".format(path, e)) from None
+        raise DpftError("Recording demos: policy={!r} is not a usable dpft checkpoint: {}".format(path, e)) from None
 
 
 def _meta(policy: Any, name: str, default: Any = None) -> Any:
@@ -224,14 +224,14 @@ def _resolve_env_args(policy: Any, task: Optional[str], source: str) -> Dict[str
         if not env_args:
             env_args = task_args
         elif str(env_args.get("env_name", "")).lower() != str(task_args["env_name"]).lower():
-            raise DpftError("record_demos: task={!r} ({}) does not match the checkpoint {}, which was trained for "
+            raise DpftError("Recording demos: task={!r} ({}) does not match the checkpoint {}, which was trained for "
                             "env {!r}; omit task (it is taken from the checkpoint) or pass a checkpoint of {}.".format(
                                 task, task_args["env_name"], source, env_args.get("env_name"), task_args["env_name"]))
     if not env_args:
-        raise DpftError("record_demos: the checkpoint {} has no env_args in its meta.json (its training data had no "
+        raise DpftError("Recording demos: the checkpoint {} has no env_args in its meta.json (its training data had no "
                         "data.attrs['env_args']); pass task=... to name its environment.".format(source))
     if env_kind(env_args) == "furniture":
-        raise DpftError("record_demos: FurnitureBench checkpoints cannot be recorded yet (Isaac Gym steps its envs as "
+        raise DpftError("Recording demos: FurnitureBench checkpoints cannot be recorded yet (Isaac Gym steps its envs as "
                         "one GPU batch without per-step states); record robosuite or gym tasks.")
     return env_args
 
@@ -248,12 +248,12 @@ def _image_specs(env_args: Dict[str, Any], policy: Any, image_obs: bool, camera_
             specs.append((k, int(shape[0]), int(shape[1])))
     if image_obs:
         if env_kind(env_args) != "robosuite":
-            raise DpftError("record_demos: image_obs=True needs a robosuite task (cameras); {!r} has state "
+            raise DpftError("Recording demos: image_obs=True needs a robosuite task (cameras); {!r} has state "
                             "observations only.".format(env_args.get("env_name")))
         if isinstance(camera_names, str):
             camera_names = [camera_names]
         if not camera_names:
-            raise DpftError("record_demos: image_obs=True needs at least one camera name.")
+            raise DpftError("Recording demos: image_obs=True needs at least one camera name.")
         have = [k for k, _, _ in specs]
         specs += [(c + "_image", int(camera_size), int(camera_size)) for c in camera_names if c + "_image" not in have]
     return specs
@@ -281,7 +281,7 @@ class _NoisyActions:
         self.noise = float(noise)
         self.normalizer = getattr(policy, "normalizer", None)
         if self.noise > 0 and (self.normalizer is None or "action" not in getattr(self.normalizer, "keys", list)()):
-            raise DpftError("record_demos: noise={} needs the policy's action normalizer (policy.normalizer with "
+            raise DpftError("Recording demos: noise={} needs the policy's action normalizer (policy.normalizer with "
                             "'action' statistics, as dpft checkpoints have); this policy has none.".format(noise))
 
     def __call__(self, actions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -400,7 +400,7 @@ def record_demos(
     from dpft.envs.vector import VectorEnv
 
     num, seed, envs = int(num), int(seed), int(envs)
-    writer = DemoFileWriter(out, "record_demos", overwrite=overwrite)  # locked; released by the with block
+    writer = DemoFileWriter(out, "dpft demos", overwrite=overwrite)  # locked; released by the with block
     try:
         policy, source = _load(policy, weights, device)
         env_args = _resolve_env_args(policy, task, source)
@@ -453,11 +453,12 @@ def record_demos(
                                    kind, bar)
             if summary["kept"] < num:
                 raise DpftError(
-                    "record_demos: only {} of {} episodes passed the filters ({} successes, {} failed by env faults; "
-                    "keep_failures={}, min_return={}), fewer than the {} asked for; pass keep_failures=true, lower "
-                    "min_return or noise, or raise max_attempts.".format(
+                    "Recording demos: only {} of {} episodes passed the filters ({} successes, {} failed by env "
+                    "faults; keep_failures={}, min_return={}), fewer than the num={} asked for, and at most {} "
+                    "episodes (3 x num) are tried. Pass keep_failures=true, lower min_return or noise, or ask for "
+                    "fewer (num=).".format(
                         summary["kept"], summary["attempted"], summary["successes"], summary["failed"],
-                        bool(keep_failures), min_return, num, num))
+                        bool(keep_failures), min_return, num, max_attempts))
             horizon = venv.max_episode_steps
             split = writer.finish(_file_env_args(run_args, horizon, images), float(valid_ratio), seed)
     finally:
@@ -473,6 +474,10 @@ def record_demos(
         "num_train": len(split["train"]), "num_valid": len(split.get("valid", [])), "returns": returns,
         "mean_return": float(np.mean(returns)), "max_episode_steps": int(horizon), "seconds": time.time() - t0,
     })
+    from dpft.envs.registry import has_success_signal
+
+    if not has_success_signal(env_args):  # Gym locomotion: no success figure
+        summary["success_rate"] = summary["successes"] = None
     return summary
 
 

@@ -56,6 +56,23 @@ def env_kind(env_args: Dict[str, Any]) -> str:
     return kind
 
 
+#: gymnasium MuJoCo locomotion tasks (ids without the version): returns only, no success criterion
+LOCOMOTION_TASKS = frozenset(["hopper", "walker2d", "halfcheetah", "ant", "humanoid", "humanoidstandup", "swimmer"])
+
+
+def has_success_signal(env_args: Any) -> bool:
+    """Whether the task of ``env_args`` reports success: robosuite and FurnitureBench do; Gym locomotion tasks
+    (:data:`LOCOMOTION_TASKS`) have only returns. Anything else, or missing ``env_args``, counts as having one."""
+    if not isinstance(env_args, dict) or not env_args:
+        return True
+    try:
+        kind = env_kind(env_args)
+    except DpftError:
+        return True
+    name = str(env_args.get("env_name", "")).split("-v")[0].lower()
+    return not (kind == "gym" and name in LOCOMOTION_TASKS)
+
+
 def import_isaacgym_if_needed(checkpoint: str) -> None:
     """Isaac Gym must be imported before torch: if the checkpoint at ``checkpoint`` (RUN_DIR or a checkpoint
     directory) was trained for FurnitureBench on Isaac Gym (``env_kwargs.simulator`` absent or ``"isaacgym"``;

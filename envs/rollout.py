@@ -36,6 +36,7 @@ from dpft.config import RolloutConfig
 from dpft.errors import DpftError
 from dpft.envs.base import BatchedEnv, Env, ObsDict, as_numpy
 from dpft.envs.vector import VectorEnv
+from dpft.envs.registry import has_success_signal
 
 RESULT_NAME = "result.json"
 VIDEO_DIR = "videos"
@@ -118,6 +119,7 @@ class _Recorder:
         self.timer = timer
         self.records: Dict[int, Dict[str, Any]] = {}
         self.env_steps = 0
+        self.has_success = True  # False: the task has no success signal (Gym locomotion), returns only
         self.bar = None
         if progress:
             from tqdm import tqdm
@@ -146,8 +148,12 @@ class _Recorder:
             "frames": None if frames is None else int(len(frames)),
         }
         if self.bar is not None:
-            done = self.records.values()
-            self.bar.set_postfix(success="%d/%d" % (sum(r["success"] for r in done), len(self.records)))
+            done = list(self.records.values())
+            if self.has_success:
+                self.bar.set_postfix(success="%d/%d" % (sum(r["success"] for r in done), len(self.records)))
+            else:  # a task without a success signal (Gym locomotion): returns only
+                rets = [r["return"] for r in done if r["return"] is not None]
+                self.bar.set_postfix(mean_return="%.3g" % (sum(rets) / len(rets)) if rets else "-")
             self.bar.update(1)
 
     def close(self) -> None:
@@ -430,7 +436,9 @@ def rollout(
         calls, worker IPC included), ``policy_time_s``, ``video_time_s``, ``seed``, ``num_envs``, ``cond_steps``,
         ``act_steps``, ``deterministic``, ``policy``, ``videos`` and ``episodes``: per-episode dicts
         ``{episode, seed, env, success, return, length, terminated, truncated, failed, reason, video, frames}``.
-        Failed episodes (worker died, env raised) count as unsuccessful in ``success_rate``.
+        Failed episodes (worker died, env raised) count as unsuccessful in ``success_rate``. ``has_success`` is
+        false for tasks without a success signal (Gym locomotion, from the policy's ``meta["env_args"]``); then
+        ``success_rate`` and ``num_success`` are None (returns are the figure; the episodes' ``success`` is False).
     """
     if isinstance(episodes, bool) or not isinstance(episodes, (int, np.integer)) or episodes < 1:
         raise DpftError("rollout: episodes must be an integer >= 1, got %r." % (episodes,))
@@ -471,6 +479,7 @@ def rollout(
             raise DpftError("rollout: videos need a VectorEnv (it records frames in its workers); %s cannot record. "
                             "Pass video=0." % type(env).__name__)
         rec = _Recorder(episodes, seed, n_video, out_dir, fps, timer, progress)
+        rec.has_success = has_success_signal(_meta_get(meta, "env_args"))
         actor = _Actor(policy, keys, env.act_steps, env.action_dim, deterministic, seed, timer)
         if scheduled:
             _run_scheduled(actor, env, rec, video_size, camera, timer)
@@ -480,8 +489,10 @@ def rollout(
         result = _summary(rec, wall, timer, {
             "seed": seed, "num_envs": int(env.num_envs), "cond_steps": int(env.cond_steps),
             "act_steps": int(env.act_steps), "deterministic": bool(deterministic),
-            "obs_keys": keys, "policy": _policy_block(policy, policy_info),
+            "obs_keys": keys, "policy": _policy_block(policy, policy_info), "has_success": rec.has_success,
         })
+        if not rec.has_success:  # no success figure for a task that has no success signal (Gym locomotion)
+            result["success_rate"] = result["num_success"] = None
         if result_path is not None:
             _atomic_write_json(result_path, result)
         return result
@@ -593,8 +604,10 @@ def rollout_checkpoint(
     :func:`dpft.envs.registry.make_env`: ``max_episode_steps``, ``terminate_on_success`` (default True, as
     ``dpft rollout``), ...). The defaults are those of ``dpft rollout`` (:class:`dpft.config.RolloutConfig`):
     ``episodes=10``, ``seed=100000`` (away from the demo seeds 0, 1, ...), episodes end on success.
-    ``verify=False`` loads a checkpoint whose files fail their checksums (``--no-verify``). ``out_dir`` is locked
-    and an earlier rollout there is refused unless ``overwrite=True`` (:func:`prepare_out_dir`). FurnitureBench
+    ``verify=False`` loads a checkpoint whose files fail their checksums (``--no-verify``): each such file is warned
+    about on stderr and listed in ``result["policy"]["checksum_mismatches"]``, and ``result["policy"]["verified"]``
+    is false (true when the checksums were checked). ``out_dir`` is locked and an earlier rollout there is refused
+    unless ``overwrite=True`` (:func:`prepare_out_dir`). FurnitureBench
     (``type`` ``"furniture"``) is built by :func:`dpft.envs.furniture.furniture_env_from_args`: Isaac Gym on the GPU
     (``device`` when it is a CUDA device, else ``"cuda"``), or the CPU fake when ``env_args["env_kwargs"]["simulator"]``
     is ``"fake"`` (``env_overrides={"env_kwargs": {"simulator": "fake"}}`` dry-runs any furniture checkpoint); it
@@ -620,7 +633,7 @@ def rollout_checkpoint(
 
     from dpft.checkpoint import verification
 
-    with verification(verify):  # verify=False: load files whose checksums do not match (damaged) anyway
+    with verification(verify) as mismatched:  # verify=False: load damaged files anyway, warning about each
         policy = dpft.load_policy(path, weights=weights, device=device)
     meta = policy.meta
     env_args = _meta_get(meta, "env_args")
@@ -635,7 +648,8 @@ def rollout_checkpoint(
     n_video = _num_videos(video, int(episodes))
     info = _policy_block(policy, None)
     info.update({"checkpoint": os.path.abspath(str(info.get("checkpoint") or path)),
-                 "weights": getattr(policy, "weights", weights), "requested_weights": weights, "device": device})
+                 "weights": getattr(policy, "weights", weights), "requested_weights": weights, "device": device,
+                 "verified": bool(verify), "checksum_mismatches": list(mismatched)})
     for name in _POLICY_FIELDS:
         value = _meta_get(meta, name)
         if value is not None and name not in info:
@@ -686,11 +700,19 @@ def rollout_checkpoint(
 def format_summary(result: Dict[str, Any], out_dir: Optional[str] = None) -> str:
     """One line: success rate, mean return/length, failures, speed, video and result paths."""
     mean_ret = result["mean_return"]
-    line = "success %d/%d (%.1f%%), mean return %s, mean length %s, %d failed, %.0f env-steps/s" % (
-        result["num_success"], result["num_episodes"], 100.0 * result["success_rate"],
+    if result.get("success_rate") is None:  # a task without a success signal: returns only
+        line = "%d episodes" % result["num_episodes"]
+    else:
+        line = "success %d/%d (%.1f%%)" % (result["num_success"], result["num_episodes"],
+                                           100.0 * result["success_rate"])
+    line += ", mean return %s, mean length %s, %d failed, %.0f env-steps/s" % (
         "n/a" if mean_ret is None else "%.3f" % mean_ret,
         "n/a" if result["mean_length"] is None else "%.1f" % result["mean_length"],
         result["num_failed"], result["env_steps_per_s"] or 0.0)
+    policy = result.get("policy") or {}
+    if policy.get("verified") is False:
+        line += "; checksums NOT verified (--no-verify; %d file(s) did not match)" % len(
+            policy.get("checksum_mismatches") or [])
     if out_dir is not None:
         if result["videos"]:
             line += "; videos: " + ", ".join(os.path.join(out_dir, v) for v in result["videos"])

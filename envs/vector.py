@@ -314,6 +314,11 @@ class _ProcessHandle:
         if code is None:
             return "closed its pipe"
         text = "died (exit code %s)" % code
+        if code < 0 and code != -signal.SIGSEGV:
+            try:
+                text += " [killed by signal %d, %s]" % (-code, signal.Signals(-code).name)
+            except ValueError:
+                pass
         if code == -signal.SIGSEGV:
             text += " [a segmentation fault, often OpenGL: check MUJOCO_GL and `dpft info`]"
         return text
@@ -466,6 +471,12 @@ class VectorEnv(BatchedEnv):
         for i in range(self.num_envs):
             self._handles[i] = _ProcessHandle(self._ctx, self._fn_bytes[i], self.cond_steps, i, self._environ)
         replies = self._gather(list(range(self.num_envs)), "starting")
+        for i in range(self.num_envs):
+            if replies[i][0] == "dead":  # killed (OOM killer, a signal) or hung while building: no traceback to show
+                raise DpftError(
+                    "Env worker %d died while building its environment (%s), so no episode ran. A worker killed by "
+                    "signal 9 (SIGKILL) is usually the kernel's out-of-memory killer: run fewer parallel "
+                    "environments (envs=) or free memory, then run the command again." % (i, replies[i][1]))
         return [self._unwrap(i, replies[i], "build its env") for i in range(self.num_envs)]
 
     def _restart(self, i: int) -> None:
@@ -650,8 +661,9 @@ class VectorEnv(BatchedEnv):
             raise DpftError("VectorEnv.step expects a numeric action chunk, got dtype %s." % chunk.dtype)
         bad = [i for i in np.flatnonzero(active) if not np.isfinite(chunk[i]).all()]
         if bad:
-            raise DpftError("VectorEnv.step got non-finite (NaN/inf) actions for env(s) %s; the policy output "
-                            "must be finite." % bad)
+            raise DpftError("The policy produced non-finite (NaN/inf) actions for env(s) %s on finite observations; "
+                            "an environment cannot step with them. Check the checkpoint's weights and normalizer "
+                            "(loading one refuses NaN/inf tensors) and the sampling settings." % bad)
         return chunk
 
     def step(self, action_chunk: np.ndarray, active: Optional[np.ndarray] = None,

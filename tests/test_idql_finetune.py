@@ -111,10 +111,10 @@ def test_idql_checkpoint_loads_and_rolls_out(tmp_path, diffusion_run):  # noqa: 
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["agent.expectile=1.5"], "agent.expectile=1.5: expected a number in (0, 1)"),
+    (["agent.expectile=1.5"], "agent.expectile=1.5 must be in (0, 1)"),
     (["agent.selection=best"], "agent.selection='best': expected one of argmax, expectile, softmax"),
-    (["agent.num_candidates=0"], "agent.num_candidates=0: expected an integer >= 1"),
-    (["agent.ft_denoising_steps=-1"], "agent.ft_denoising_steps=-1 must be >= 1 (or 0 = every sampling step)"),
+    (["agent.num_candidates=0"], "agent.num_candidates=0 must be >= 1"),
+    (["agent.ft_denoising_steps=-1"], "agent.ft_denoising_steps=-1 must be >= 0 (0 = every sampling step)"),
 ])
 def test_idql_config_errors_name_the_setting(tmp_path, args, needle):
     from dpft.config import compose

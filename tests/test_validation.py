@@ -64,7 +64,8 @@ def test_policy_relations(overrides, message):
     ("rollout", "seed=-5", "seed=-5 must be in [0, 2147483647]."),
     ("rollout", "videos=-1", "videos=-1 must be >= 0 (0 = all episodes)."),
     ("rollout", "video_size=4", "video_size=4 must be in [16, 4096] (pixels)."),
-    ("rollout", "max_episode_steps=0", "max_episode_steps=0 must be >= 1 (unset = the task's)."),
+    ("rollout", "max_episode_steps=0", "max_episode_steps=0 must be >= 1 (leave it unset, or pass max_episode_steps=null, "
+                                         "for the task's own limit)."),
     ("demos", "camera_size=2", "camera_size=2 must be in [8, 4096] (pixels)."),
     ("demos", "valid_ratio=1.5", "valid_ratio=1.5 must be in [0, 1)."),
 ])

@@ -271,7 +271,11 @@ def split_demos(
             )
         if not train:
             raise DpftError(
-                "The train split is empty: filter key '%s' covers all %d demos." % (valid_filter_key, len(names))
+                "The train split is empty: filter key '%s' (mask/%s) lists all %s of the file, and pretraining "
+                "trains only on the demos outside it. Add demos, remove mask/%s from the file, or pretrain with "
+                "data.valid_filter_key=null (data.valid_ratio then holds out a seeded share)."
+                % (valid_filter_key, valid_filter_key, "1 demo" if len(names) == 1 else "%d demos" % len(names),
+                   valid_filter_key)
             )
         return DemoSplit(train, valid, "filter_keys")
 

@@ -331,7 +331,8 @@ def describe(path: Any) -> Dict[str, Any]:
         data = f["data"]
         names = _demo_names_in(data)
         env_args = _parse_env_args(f, p)
-        filter_keys = {k: len(_read_filter_key(f, p, k, names)) for k in _filter_key_names(f)}
+        key_demos = {k: _read_filter_key(f, p, k, names) for k in _filter_key_names(f)}
+        filter_keys = {k: len(v) for k, v in key_demos.items()}
 
         # pass 1: metadata (lengths, action dims, obs keys and shapes)
         lengths = {}  # type: Dict[str, int]
@@ -424,6 +425,14 @@ def describe(path: Any) -> Dict[str, Any]:
     num_samples = int(lens.sum())
     if num_samples == 0:
         raise no_samples_error(p, names, lens.tolist())
+    from dpft.config import DataConfig
+    from dpft.data.dataset import split_demos
+
+    defaults = DataConfig()  # the split pretraining makes with its default data.* settings must leave demos to train
+    try:
+        split_demos(names, key_demos, defaults.train_filter_key, defaults.valid_filter_key, defaults.valid_ratio)
+    except DpftError as e:
+        raise DpftError("'%s': %s" % (p, e)) from None
     empty = [n for n in names if lengths[n] == 0]
     if empty:
         warnings.append("%d demo(s) have 0 steps and contribute nothing to training: %s"
@@ -512,7 +521,7 @@ def format_description(d: Dict[str, Any]) -> str:
             lines.append("  %-*s  %d demo%s" % (fw, k, n, "" if n == 1 else "s"))
     else:
         lines.append("Filter keys: none (a seeded split by valid_ratio is used for validation)")
-    present = ["%s (%d demos)" % (k, n) for k, n in d["extras"].items() if n]
+    present = ["%s (%d demo%s)" % (k, n, "" if n == 1 else "s") for k, n in d["extras"].items() if n]
     lines.append("Other per-demo data: %s" % (", ".join(present) if present else "none"))
     for w in d.get("warnings", []):
         lines.append("Warning: %s" % w)

@@ -46,12 +46,12 @@ class DiffusionMLP(nn.Module):
         mlp_dims = [int(d) for d in mlp_dims]
         if int(action_dim) < 1 or int(horizon_steps) < 1 or int(cond_dim) < 0:
             raise DpftError(
-                "DiffusionMLP needs action_dim >= 1, horizon_steps >= 1, cond_dim >= 0; got {}, {}, {}.".format(
+                "The MLP diffusion policy needs action_dim >= 1, horizon_steps >= 1, cond_dim >= 0; got {}, {}, {}.".format(
                     action_dim, horizon_steps, cond_dim
                 )
             )
         if not mlp_dims:
-            raise DpftError("DiffusionMLP mlp_dims must list at least one hidden width.")
+            raise DpftError("policy.mlp_dims must list at least one hidden width, e.g. [512,512,512].")
         self.action_dim = int(action_dim)
         self.horizon_steps = int(horizon_steps)
         self.cond_dim = int(cond_dim)
@@ -67,8 +67,10 @@ class DiffusionMLP(nn.Module):
         if residual_style:
             if len(set(mlp_dims)) != 1 or len(mlp_dims) % 2 == 0:
                 raise DpftError(
-                    "DiffusionMLP with residual_style=True needs an odd number of equal widths in mlp_dims "
-                    "(input layer + 2 layers per residual block, e.g. [512, 512, 512]), got {}.".format(mlp_dims)
+                    "policy.mlp_dims={} does not fit policy.residual_style=true: residual MLP blocks need an odd "
+                    "number of equal widths (input layer + 2 layers per residual block, e.g. [512,512,512]); "
+                    "change policy.mlp_dims or pass policy.residual_style=false.".format(
+                        "[" + ",".join(str(d) for d in mlp_dims) + "]")
                 )
             self.mlp = ResidualMLP(
                 in_dim, mlp_dims[0], (len(mlp_dims) - 1) // 2, out_dim, activation=activation, layer_norm=layer_norm

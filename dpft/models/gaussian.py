@@ -106,14 +106,15 @@ class GaussianModel(nn.Module):
         super().__init__()
         if int(action_dim) < 1 or int(horizon_steps) < 1:
             raise DpftError(
-                "GaussianModel needs action_dim >= 1 and horizon_steps >= 1, got {} and {}.".format(
+                "The Gaussian policy needs action_dim >= 1 and horizon_steps >= 1, got {} and {}.".format(
                     action_dim, horizon_steps
                 )
             )
         if not 0.0 < float(std_min) <= float(init_std) <= float(std_max):
             raise DpftError(
-                "GaussianModel needs 0 < std_min <= init_std <= std_max, got std_min={}, init_std={}, "
-                "std_max={}.".format(std_min, init_std, std_max)
+                "The Gaussian policy's stds must satisfy 0 < std_min <= init_std <= std_max (policy.* when "
+                "pretraining, agent.* when fine-tuning); got std_min={}, init_std={}, std_max={}.".format(
+                    std_min, init_std, std_max)
             )
         if float(randn_clip_value) <= 0:
             raise DpftError("randn_clip_value must be > 0, got {}.".format(randn_clip_value))

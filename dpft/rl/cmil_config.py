@@ -7,20 +7,11 @@ loads this schema without torch). Annotations use ``typing`` (OmegaConf evaluate
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List
 
 from dpft.errors import DpftError
-
-_INF = float("inf")
-
-
-def _f(default: Any = None, help: str = "", factory: Any = None) -> Any:
-    """:func:`dpft.config._f` (a field with its help text). Not imported: dpft.config imports this module's
-    importer (dpft.rl.config) at its end, so importing it here first would be circular."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+from dpft.ranges import _f, check_ranges
 
 
 @dataclass
@@ -33,86 +24,61 @@ class CmilConfig:
     proprio_keys: List[str] = _f(factory=lambda: ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"],
                                  help="low-dim keys used when cmil.proprio=true")
     # world model (dpft/models/world_model.py)
-    deter: int = _f(200, "RSSM deterministic state size (paper 400)")
-    stoch: int = _f(32, "RSSM stochastic state size, Gaussian (paper 360)")
-    hidden: int = _f(200, "RSSM hidden size (paper 400)")
-    depth: int = _f(16, "CNN depth of encoder and decoder (paper 48)")
-    ensemble: int = _f(5, "prior heads K of the RSSM ensemble (paper 10)")
-    mlp_units: int = _f(200, "width of the world model's proprio MLPs (encoder and decoder, cmil.proprio=true; paper 400)")
-    kl_balance: float = _f(0.8, "KL balance: weight of KL(sg(post) || prior)")
-    kl_free: float = _f(1.0, "free nats (clip of the mean KL)")
+    deter: int = _f(200, "RSSM deterministic state size (paper 400)", range=">=1")
+    stoch: int = _f(32, "RSSM stochastic state size, Gaussian (paper 360)", range=">=1")
+    hidden: int = _f(200, "RSSM hidden size (paper 400)", range=">=1")
+    depth: int = _f(16, "CNN depth of encoder and decoder (paper 48)", range=">=1")
+    ensemble: int = _f(5, "prior heads K of the RSSM ensemble (paper 10)", range=">=1")
+    mlp_units: int = _f(200, "width of the world model's proprio MLPs (encoder and decoder, cmil.proprio=true; paper 400)",
+                        range=">=1")
+    kl_balance: float = _f(0.8, "KL balance: weight of KL(sg(post) || prior)", range="[0,1]")
+    kl_free: float = _f(1.0, "free nats (clip of the mean KL)", range=">=0")
     # imagination and returns
-    imag_horizon: int = _f(15, "imagination horizon H")
-    discount: float = _f(0.99, "discount per env step")
-    lam: float = _f(0.95, "lambda of the lambda-returns")
+    imag_horizon: int = _f(15, "imagination horizon H", range=">=1")
+    discount: float = _f(0.99, "discount per env step", range="[0,1]")
+    lam: float = _f(0.95, "lambda of the lambda-returns", range="[0,1]")
     # reward
-    disc_noise: float = _f(2.5, "std of the Gaussian instance noise on both discriminator inputs")
-    disc_layers: int = _f(2, "discriminator hidden layers")
-    disc_units: int = _f(200, "discriminator width")
-    alpha: float = _f(10.0, "ensemble-disagreement penalty (reference unc_penalty = -10)")
+    disc_noise: float = _f(2.5, "std of the Gaussian instance noise on both discriminator inputs", range=">=0")
+    disc_layers: int = _f(2, "discriminator hidden layers", range=">=0")
+    disc_units: int = _f(200, "discriminator width", range=">=1")
+    alpha: float = _f(10.0, "ensemble-disagreement penalty (reference unc_penalty = -10)", range=">=0")
     reward_form: str = _f("code", "code: D - alpha * u (reference code) | paper: log D - log(1 - D) - alpha * u")
     # actor-critic
-    actor_layers: int = _f(4, "actor hidden layers")
-    actor_units: int = _f(200, "actor width (paper 400)")
-    actor_min_std: float = _f(0.1, "actor std floor")
-    actor_ent: float = _f(1e-4, "actor entropy bonus")
-    critic_layers: int = _f(4, "critic hidden layers (2 critics, min for the targets)")
-    critic_units: int = _f(200, "critic width (paper 400)")
-    target_every: int = _f(100, "copy the critics into the slow targets every this many updates")
+    actor_layers: int = _f(4, "actor hidden layers", range=">=0")
+    actor_units: int = _f(200, "actor width (paper 400)", range=">=1")
+    actor_min_std: float = _f(0.1, "actor std floor", range=">0")
+    actor_ent: float = _f(1e-4, "actor entropy bonus", range=">=0")
+    critic_layers: int = _f(4, "critic hidden layers (2 critics, min for the targets)", range=">=0")
+    critic_units: int = _f(200, "critic width (paper 400)", range=">=1")
+    target_every: int = _f(100, "copy the critics into the slow targets every this many updates", range=">=1")
     real_critic: bool = _f(False, "also fit the V critics to lambda-returns of D on real replay sequences "
                            "(off-policy returns, biased for V: off by default; docs/cmil.md)")
-    bc_scale: float = _f(10.0, "BC regularization weight: bc_scale * -log pi(a_expert | expert latent)")
+    bc_scale: float = _f(10.0, "BC regularization weight: bc_scale * -log pi(a_expert | expert latent)", range=">=0")
     # schedule
-    pretrain_steps: int = _f(50, "updates on the expert data before any env step (reference 1000)")
-    bc_init_steps: int = _f(20, "BC-only actor steps (SGD, bc_lr) after pretraining (reference 100)")
-    bc_lr: float = _f(2e-4, "learning rate of the BC initialization (SGD, reference)")
-    seed_steps: int = _f(500, "env steps acting before online updates start (reference 5000)")
+    pretrain_steps: int = _f(50, "updates on the expert data before any env step (reference 1000)", range=">=0")
+    bc_init_steps: int = _f(20, "BC-only actor steps (SGD, bc_lr) after pretraining (reference 100)", range=">=0")
+    bc_lr: float = _f(2e-4, "learning rate of the BC initialization (SGD, reference)", range=">0")
+    seed_steps: int = _f(500, "env steps acting before online updates start (reference 5000)", range=">=0")
     seed_action: str = _f("policy", "action during the seed steps: policy (the BC-initialized actor, reference) | random")
-    train_every: int = _f(5, "env steps (summed over envs) between training rounds")
-    train_steps: int = _f(2, "updates per training round")
-    batch_size: int = _f(8, "sequences per batch (reference 32)")
-    seq_len: int = _f(16, "sequence length (reference 50)")
-    replay_size: int = _f(20000, "online+expert replay capacity in steps (uint8 64x64x3 images: 12 KiB each)")
+    train_every: int = _f(5, "env steps (summed over envs) between training rounds", range=">=1")
+    train_steps: int = _f(2, "updates per training round", range=">=0")
+    batch_size: int = _f(8, "sequences per batch (reference 32)", range=">=1")
+    seq_len: int = _f(16, "sequence length (reference 50)",
+                      range=">=2", meaning='the discriminator pairs step t with the action of t + 1')
+    replay_size: int = _f(20000, "online+expert replay capacity in steps (uint8 64x64x3 images: 12 KiB each)",
+                          range=">=2")
     # optimizers (Adam; the reference builds critic and discriminator optimizers from actor_opt, lr 3e-4)
-    model_lr: float = _f(3e-4, "world-model learning rate")
-    actor_lr: float = _f(3e-4, "actor learning rate")
-    critic_lr: float = _f(3e-4, "critic learning rate")
-    disc_lr: float = _f(3e-4, "discriminator learning rate")
-    opt_eps: float = _f(1e-5, "Adam epsilon")
-    grad_clip: float = _f(100.0, "gradient-norm clip of every optimizer")
-    model_wd: float = _f(1e-6, "world-model weight decay")
-
-
-#: ranges of the numeric cmil.* keys, in dpft.config.RANGES form (registered by :func:`validate_cmil`)
-CMIL_RANGES = [
-    ("deter", 1, _INF, True, True, False, ""), ("stoch", 1, _INF, True, True, False, ""),
-    ("hidden", 1, _INF, True, True, False, ""), ("depth", 1, _INF, True, True, False, ""),
-    ("ensemble", 1, _INF, True, True, False, ""), ("mlp_units", 1, _INF, True, True, False, ""),
-    ("kl_balance", 0.0, 1.0, True, True, False, ""), ("kl_free", 0.0, _INF, True, True, False, ""),
-    ("imag_horizon", 1, _INF, True, True, False, ""), ("discount", 0.0, 1.0, True, True, False, ""),
-    ("lam", 0.0, 1.0, True, True, False, ""), ("disc_noise", 0.0, _INF, True, True, False, ""),
-    ("disc_layers", 0, _INF, True, True, False, ""), ("disc_units", 1, _INF, True, True, False, ""),
-    ("alpha", 0.0, _INF, True, True, False, ""), ("actor_layers", 0, _INF, True, True, False, ""),
-    ("actor_units", 1, _INF, True, True, False, ""), ("actor_min_std", 0.0, _INF, False, True, False, ""),
-    ("actor_ent", 0.0, _INF, True, True, False, ""), ("critic_layers", 0, _INF, True, True, False, ""),
-    ("critic_units", 1, _INF, True, True, False, ""), ("target_every", 1, _INF, True, True, False, ""),
-    ("bc_scale", 0.0, _INF, True, True, False, ""), ("pretrain_steps", 0, _INF, True, True, False, ""),
-    ("bc_init_steps", 0, _INF, True, True, False, ""), ("bc_lr", 0.0, _INF, False, True, False, ""),
-    ("seed_steps", 0, _INF, True, True, False, ""), ("train_every", 1, _INF, True, True, False, ""),
-    ("train_steps", 0, _INF, True, True, False, ""), ("batch_size", 1, _INF, True, True, False, ""),
-    ("seq_len", 2, _INF, True, True, False, "the discriminator pairs step t with the action of t + 1"),
-    ("replay_size", 2, _INF, True, True, False, ""), ("model_lr", 0.0, _INF, False, True, False, ""),
-    ("actor_lr", 0.0, _INF, False, True, False, ""), ("critic_lr", 0.0, _INF, False, True, False, ""),
-    ("disc_lr", 0.0, _INF, False, True, False, ""), ("opt_eps", 0.0, _INF, False, True, False, ""),
-    ("grad_clip", 0.0, _INF, False, True, False, ""), ("model_wd", 0.0, _INF, True, True, False, ""),
-]
+    model_lr: float = _f(3e-4, "world-model learning rate", range=">0")
+    actor_lr: float = _f(3e-4, "actor learning rate", range=">0")
+    critic_lr: float = _f(3e-4, "critic learning rate", range=">0")
+    disc_lr: float = _f(3e-4, "discriminator learning rate", range=">0")
+    opt_eps: float = _f(1e-5, "Adam epsilon", range=">0")
+    grad_clip: float = _f(100.0, "gradient-norm clip of every optimizer", range=">0")
+    model_wd: float = _f(1e-6, "world-model weight decay", range=">=0")
 
 
 def validate_cmil(cfg: Any) -> None:
     """Cross-field checks of ``dpft finetune`` with ``agent=cmil`` (or with ``dataset=``), each naming its key."""
-    from dpft.config import RANGES, check_ranges
-
-    RANGES.setdefault("CmilConfig", CMIL_RANGES)
     check_ranges(cfg.cmil, "cmil.")
     name = cfg.agent.name
     if name != "cmil":
@@ -123,14 +89,7 @@ def validate_cmil(cfg: Any) -> None:
                         "(e.g. from `dpft demos task=lift image_obs=true camera_size=64 num=20 out=DEMOS.hdf5`).")
     if cfg.env:
         raise DpftError("agent=cmil rebuilds its env from the dataset's env_args; drop env=%s." % cfg.env)
-    for key, value in (("iterations", cfg.iterations), ("envs", cfg.envs), ("n_steps", cfg.n_steps),
-                       ("eval_episodes", cfg.eval_episodes)):
-        if int(value) < 1:
-            raise DpftError("%s=%s must be >= 1." % (key, value))
-    for key, value in (("eval_every", cfg.eval_every), ("save_every", cfg.save_every),
-                       ("keep_checkpoints", cfg.keep_checkpoints), ("num_threads", cfg.num_threads)):
-        if int(value) < 0:
-            raise DpftError("%s=%s must be >= 0." % (key, value))
+    # iterations, envs, eval_*, save_every, ... are range-checked on their fields by FinetuneConfig.validate
     c = cfg.cmil
     if c.reward_form not in ("code", "paper"):
         raise DpftError("cmil.reward_form=%r must be code or paper." % (c.reward_form,))
