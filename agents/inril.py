@@ -48,7 +48,7 @@ import torch
 
 from dpft.errors import DpftError
 from dpft.rl.grad import cosine, flatten_grads, set_flat_grad
-from dpft.rl.inril import (AdaptiveInterleave, CairLambda, GradientEMA, InterleaveSchedule, cair_gradient, parse_m,
+from dpft.rl.inril import (ADAPTIVE_RULES, AdaptiveInterleave, CairLambda, GradientEMA, InterleaveSchedule, cair_gradient, parse_m,
                            separate_il_gradient, validate_separation)
 
 #: offset of the IL stream's seed from the run seed (keeps it apart from the sampler's stream)
@@ -82,6 +82,9 @@ def validate_inril_config(cfg: Any) -> None:
                         % (i.m_min, i.m_init, i.m_max))
     if not 0.0 <= float(i.adaptive_c) < 2.0:
         raise DpftError("inril.adaptive_c=%s must be in [0, 2) (alpha_RL * L_RL of the progress model)." % i.adaptive_c)
+    if str(i.adaptive_rule) not in ADAPTIVE_RULES:
+        raise DpftError("inril.adaptive_rule=%s is unknown; expected %s (docs/inril.md section 5.2)."
+                        % (i.adaptive_rule, " or ".join(ADAPTIVE_RULES)))
     if not 0.0 <= float(i.ema_beta) < 1.0:
         raise DpftError("inril.ema_beta=%s must be in [0, 1)." % i.ema_beta)
     for key, value in (("inril.batch_size", i.batch_size), ("inril.heldout_max_windows", i.heldout_max_windows)):
@@ -239,7 +242,7 @@ class InRIL:
         self.il_lr = float(i.il_lr) if i.il_lr is not None else actor_lr
         self.il_lr_warmup = int(i.il_lr_warmup)
         self.ctl = AdaptiveInterleave(int(i.m_init), int(i.m_min), int(i.m_max), lr_ratio=self.il_lr / actor_lr,
-                                      c=float(i.adaptive_c)) if self.adaptive else None
+                                      c=float(i.adaptive_c), rule=str(i.adaptive_rule)) if self.adaptive else None
         self.cair = CairLambda(c.start, c.rate, c.monotone, c.mode, c.lam_min, c.lam_max) if c.enabled else None
         self.cair_c = float(c.c)
         self.interleave = self.adaptive or self.m_value != math.inf

@@ -62,6 +62,11 @@ Options (default):
 A stage is skipped when it completed with the same inputs (OUT/stages.json records them); a changed
 option re-runs that stage and every stage after it, and re-running continues a killed quickstart."""
 
+#: torch CPU threads of every quickstart stage: pinned, so that OMP_NUM_THREADS or the machine's core count does not
+#: change the result (float reductions split over another number of threads differ in the last bits, and RL
+#: amplifies that: two runs with 1 and 2 threads ended at 7/20 and 11/20)
+QUICKSTART_THREADS = 1
+
 # The pretraining recipe of the quickstart (a small DPPO-style MLP diffusion policy on Lift low-dim obs).
 PRETRAIN_OVERRIDES: List[str] = [
     "policy=diffusion_mlp",
@@ -75,6 +80,7 @@ PRETRAIN_OVERRIDES: List[str] = [
     "warmup_steps=200",
     "val_every=500",
     "log_every=50",
+    f"num_threads={QUICKSTART_THREADS}",
 ]
 
 
@@ -111,6 +117,7 @@ FINETUNE_OVERRIDES: List[str] = [
     "eval_episodes=10",
     "agent.batch_size=250",
     "agent.n_critic_warmup_itr=1",
+    f"num_threads={QUICKSTART_THREADS}",
 ]
 
 
@@ -226,8 +233,12 @@ def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise
     from dpft.envs.rollout import DEFAULT_ROLLOUT_SEED
     from dpft.rundir import open_run_dir
 
+    import torch
+
     t0 = time.time()
+    threads = torch.get_num_threads()
     run_dir = open_run_dir(out, "quickstart", resume=False, known_entries=QUICKSTART_ENTRIES)
+    torch.set_num_threads(QUICKSTART_THREADS)  # the rollouts' policy too (pretrain / finetune: num_threads=)
     try:
         out = run_dir.path
         stages = _Stages(out)
@@ -303,6 +314,7 @@ def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise
             rollout_dir = os.path.join(out, "rollout_finetuned")
     finally:
         run_dir.close()
+        torch.set_num_threads(threads)
     video_paths = [os.path.abspath(os.path.join(rollout_dir, ep["video"]))
                    for ep in result.get("episodes", []) if ep.get("video")]
     n = result.get("num_episodes", episodes)

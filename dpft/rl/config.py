@@ -111,6 +111,8 @@ class InrilConfig:
     m_max: int = _f(100, "adaptive m: upper clip of m(t)")
     m_init: int = _f(10, "adaptive m: m until both gradient estimators have 2 gradients")
     adaptive_c: float = _f(0.5, "adaptive m: c = alpha_RL * L_RL of the progress model, in [0, 2)")
+    adaptive_rule: str = _f("paper", "adaptive m: paper (IN-RIL Appendix D: m (1-c/2)|g_RL|^2 = q rho |g_IL||g_RL| "
+                            "+ (c/2) q^2 v_IL) | noise (dpft's earlier rule with the RL noise term; docs/inril.md 5.2)")
     ema_beta: float = _f(0.9, "EMA factor of the reference RL direction and the IL/RL gradient statistics")
     dataset: Optional[str] = _f(None, "IL demos (robomimic HDF5; None = the checkpoint's pretraining dataset)")
     batch_size: int = _f(256, "IL batch size (demo windows)")
