@@ -34,12 +34,52 @@ def _expert_episode(rs, task, noise, seed, max_steps, terminate_on_success):
         env.close()
 
 
-def test_can_expert_success_step_has_reward_one(rs):
-    """The scripted Can expert (noise 0.5, seed 6) reached success at step 194 with reward 0 before the fix: now every
-    step's sparse reward is exactly 1.0 when the step is a success and 0.0 otherwise."""
-    rewards, successes = _expert_episode(rs, "can", 0.5, 6, 200, terminate_on_success=False)
-    assert successes.any(), "the episode should reach success"
-    np.testing.assert_array_equal(rewards, successes.astype(np.float64))
+def test_lift_threshold_crossing_in_the_last_physics_substep_is_rewarded(rs):
+    """A cube thrown upward so that it crosses Lift's success height (table + 4 cm) during the last physics sub-step
+    of a control step: robosuite's own reward (computed before the kinematics refresh) was 0 at that successful
+    step; dpft's reward is 1, like the success flag, because both read the refreshed state."""
+    env = rs.RobosuiteEnv(rs.default_env_args("lift"), max_episode_steps=5, terminate_on_success=True)
+    try:
+        env.reset(seed=0)
+        raw = env.env
+        cube = raw.cube_body_id
+        qpos_addr = raw.sim.model.get_joint_qpos_addr(raw.cube.joints[0])[0]
+        qvel_addr = raw.sim.model.get_joint_qvel_addr(raw.cube.joints[0])[0]
+        threshold = raw.model.mujoco_arena.table_offset[2] + 0.04
+        base = env.get_state()
+        nq = raw.sim.model.nq
+
+        def thrown(z):  # cube beside the table (60 cm away: free flight), at height z, moving up at 1 m/s
+            st = base.copy()
+            st[1 + qpos_addr] += 0.6
+            st[1 + qpos_addr + 2] = z
+            st[1 + nq + qvel_addr + 2] = 1.0
+            return st
+
+        stale = {}
+        step = raw.step
+
+        def recording_step(action):
+            out = step(action)
+            stale["z"] = float(raw.sim.data.body_xpos[cube][2])  # what robosuite's reward saw
+            stale["reward"] = float(out[1])
+            return out
+
+        raw.step = recording_step
+        zero = np.zeros(env.action_dim)
+        env.reset_to(thrown(threshold - 0.03))
+        env.step(zero)
+        fresh = float(raw.sim.data.body_xpos[cube][2])
+        assert fresh - stale["z"] > 1e-4  # the refresh moves the cube by one sub-step
+        # shift the throw so that the threshold lies halfway between the stale and the refreshed height
+        env.reset_to(thrown(threshold - 0.03 + threshold - 0.5 * (stale["z"] + fresh)))
+        _, reward, terminated, _, info = env.step(zero)
+        assert stale["z"] < threshold < float(raw.sim.data.body_xpos[cube][2])
+        assert stale["reward"] == 0.0  # robosuite's pre-refresh reward misses the success
+        assert info["success"] and terminated
+        assert reward == 1.0
+    finally:
+        env.close()
 
 
 def test_lift_sparse_return_positive_iff_success(rs):
