@@ -44,6 +44,8 @@ class PolicyConfig:
     min_sampling_denoising_std: float = _f(0.1, "floor on the per-step std when sampling stochastically")
     min_logprob_denoising_std: float = _f(0.1, "floor on the per-step std in log-probabilities (RL; > 0)")
     randn_clip_value: float = _f(10.0, "clip on the Gaussian noise drawn while sampling")
+    eval_randn_clip_value: Optional[float] = _f(None, "clip on the noise of deterministic sampling (null = "
+                                                "randn_clip_value; RL fine-tuning keeps its start checkpoint's)")
     denoised_clip_value: Optional[float] = _f(1.0, "clip on the predicted x0 (null = no clip)")
     # MLP denoiser / Gaussian MLP
     mlp_dims: Optional[List[int]] = _f(None, "hidden layer widths of the MLP (null = [512,512,512] for diffusion_mlp, "
@@ -383,6 +385,7 @@ RANGES: Dict[str, List[tuple]] = {
         ("min_sampling_denoising_std", 0.0, _INF, True, True, False, ""),
         ("min_logprob_denoising_std", 0.0, _INF, False, True, False, "a std floor; log-probabilities need it > 0"),
         ("randn_clip_value", 0.0, _INF, False, True, False, ""),
+        ("eval_randn_clip_value", 0.0, _INF, False, True, True, "null = randn_clip_value"),
         ("denoised_clip_value", 0.0, _INF, False, True, True, ""),
         ("mlp_dims", 1, _INF, True, True, True, "layer widths"),
         ("time_dim", 1, _INF, True, True, False, ""),
