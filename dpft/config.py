@@ -53,6 +53,8 @@ class PolicyConfig:
     residual_style: bool = _f(True, "residual MLP blocks (DPPO style)")
     layer_norm: bool = _f(False, "LayerNorm in the MLP blocks")
     activation: str = _f("mish", "mish | relu | gelu | elu | silu")
+    mlp_arch: str = _f("dpft", "diffusion_mlp layout: dpft | dppo (DPPO's DiffusionMLP exactly: no activation before "
+                       "the output layer, Mish in the time MLP, LayerNorm eps 1e-6; policy=diffusion_mlp_dppo)")
     time_dim: int = _f(16, "sinusoidal diffusion-time embedding size (MLP denoiser)")
     cond_mlp_dims: Optional[List[int]] = _f(None, "optional MLP on the flattened observation before the denoiser")
     # UNet denoiser

@@ -53,7 +53,7 @@ _DIFFUSION_KEYS = ("denoising_steps", "use_ddim", "ddim_steps", "ddim_eta", "ft_
                    "randn_clip_value", "eval_randn_clip_value")
 _KEYS_BY_NAME: Dict[str, Sequence[str]] = {
     "diffusion_mlp": _ENCODER_KEYS + _DIFFUSION_KEYS + ("mlp_dims", "activation", "layer_norm", "residual_style",
-                                                        "time_dim"),
+                                                        "time_dim", "mlp_arch"),
     "diffusion_unet": _ENCODER_KEYS + _DIFFUSION_KEYS + ("diffusion_step_embed_dim", "down_dims", "kernel_size",
                                                          "n_groups", "cond_predict_scale"),
     "gaussian_mlp": _ENCODER_KEYS + ("mlp_dims", "activation", "std_min", "std_max", "init_std", "tanh_mean",
@@ -160,6 +160,7 @@ def build_policy_model(
             residual_style=bool(spec["residual_style"]),
             layer_norm=bool(spec["layer_norm"]),
             activation=str(spec["activation"]),
+            arch=str(spec["mlp_arch"]),
         )
     else:
         network = ConditionalUnet1D(
