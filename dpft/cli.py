@@ -251,6 +251,10 @@ def cmd_rollout(args: List[str]) -> int:
     import_isaacgym_if_needed(cfg.checkpoint)  # before anything imports torch
     from dpft.envs.rollout import rollout_checkpoint
 
+    if cfg.num_threads:  # the float results of the policy depend on it (README: Reproducibility)
+        import torch
+
+        torch.set_num_threads(int(cfg.num_threads))
     out = cfg.out
     if out is None:  # default: RUN_DIR/rollout/step_XXXXXXXX, next to the checkpoint it evaluates
         from dpft.checkpoint import resolve_checkpoint

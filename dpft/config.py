@@ -219,6 +219,8 @@ class RolloutConfig:
     deterministic: bool = _f(True, "deterministic sampling (DDIM eta 0 / DDPM min std / Gaussian mean)")
     device: str = _f("cpu", "cpu | cuda | auto (policy inference device)")
     max_episode_steps: Optional[int] = _f(None, "override the task's episode length")
+    num_threads: Optional[int] = _f(None, "torch CPU threads of the policy (unset = torch's choice; a fine-tuning "
+                                    "run's evaluation is reproduced with its num_threads)")
     terminate_on_success: bool = _f(True, "end an episode when the task succeeds")
     video_size: int = _f(256, "video frame size (square)")
     camera: Optional[str] = _f(None, "camera to render (default agentview)")
@@ -435,6 +437,7 @@ RANGES: Dict[str, List[tuple]] = {
         ("seed", 0, 2 ** 31 - 1, True, True, False, ""),
         ("videos", 0, _INF, True, True, False, "0 = all episodes"),
         ("max_episode_steps", 1, _INF, True, True, True, "unset = the task's"),
+        ("num_threads", 1, _INF, True, True, True, "unset = torch's choice"),
         ("video_size", 16, 4096, True, True, False, "pixels"),
     ],
 }

@@ -48,3 +48,17 @@ def test_finetuned_checkpoint_keeps_the_start_checkpoints_evaluation_clip(tmp_pa
     finally:
         ft.close()
     assert dpft.load_policy(diffusion_run).model.eval_randn_clip_value is None  # pretrained: its randn_clip_value
+
+
+def test_rollout_cli_num_threads(tmp_path, diffusion_run, monkeypatch):
+    """`dpft rollout num_threads=N` sets the policy's torch threads (its float results depend on them)."""
+    import torch
+
+    import dpft.envs.rollout as R
+    from dpft.cli import main
+
+    seen = {}
+    monkeypatch.setattr(R, "rollout_checkpoint", lambda *a, **k: seen.setdefault("threads", torch.get_num_threads()))
+    torch.set_num_threads(2)
+    assert main(["rollout", "checkpoint=%s" % diffusion_run, "num_threads=1", "out=%s" % (tmp_path / "r")]) == 0
+    assert seen["threads"] == 1
