@@ -314,12 +314,12 @@ def cmd_import_dppo(args: List[str]) -> int:
     for arg in rest:
         key, sep, value = arg.partition("=")
         if not sep or key not in known:
-            raise DpftError("import-dppo: %r is not one of its key=value options (%s); see dpft import-dppo --help."
+            raise DpftError("%r is not one of the key=value options of import-dppo (%s); see dpft import-dppo --help."
                             % (arg, ", ".join(known)))
         try:
             kw[key] = known[key](value)
         except ValueError:
-            raise DpftError("import-dppo: %s=%r must be an integer." % (key, value)) from None
+            raise DpftError("%s=%r must be an integer." % (key, value)) from None
     for key in ("checkpoint", "normalization", "out"):
         if not kw.get(key):
             raise DpftError("import-dppo needs %s=...; see dpft import-dppo --help." % key)

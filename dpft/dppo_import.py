@@ -37,39 +37,39 @@ DPPO_OBS_EPS = 1e-6
 def load_dppo_state(path: str, weights: str = "ema") -> Dict[str, torch.Tensor]:
     """The ``network.*`` weights of a DPPO checkpoint's ``weights`` (``"ema"`` or ``"model"``) state dict."""
     if weights not in ("ema", "model"):
-        raise DpftError("import-dppo: weights=%r must be ema or model." % (weights,))
+        raise DpftError("weights=%r must be ema or model." % (weights,))
     if not os.path.isfile(str(path)):
-        raise DpftError("import-dppo: checkpoint='%s' does not exist; pass DPPO's state_<epoch>.pt file." % path)
+        raise DpftError("checkpoint='%s' does not exist; pass DPPO's state_<epoch>.pt file." % path)
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DpftError("import-dppo: '%s' cannot be read as a DPPO checkpoint with torch.load(weights_only=True) "
+        raise DpftError("'%s' cannot be read as a DPPO checkpoint with torch.load(weights_only=True) "
                         "(%s: %s). dpft never unpickles arbitrary objects; re-save the file with plain tensors."
                         % (path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")) from None
     if not isinstance(data, dict) or weights not in data or not isinstance(data[weights], dict):
         have = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise DpftError("import-dppo: '%s' has no %r state dict (DPPO saves {'epoch', 'model', 'ema'}; it has %s)."
+        raise DpftError("'%s' has no %r state dict (DPPO saves {'epoch', 'model', 'ema'}; it has %s)."
                         % (path, weights, have))
     state = {k: v for k, v in data[weights].items() if k.startswith("network.")}
     if not state:
-        raise DpftError("import-dppo: the %r state dict of '%s' has no network.* weights." % (weights, path))
+        raise DpftError("the %r state dict of '%s' has no network.* weights." % (weights, path))
     return state
 
 
 def load_dppo_normalization(path: str) -> Dict[str, np.ndarray]:
     """``obs_min``, ``obs_max``, ``action_min``, ``action_max`` (float64 1-D) from DPPO's normalization .npz."""
     if not os.path.isfile(str(path)):
-        raise DpftError("import-dppo: normalization='%s' does not exist; pass DPPO's normalization.npz." % path)
+        raise DpftError("normalization='%s' does not exist; pass DPPO's normalization.npz." % path)
     with np.load(str(path), allow_pickle=False) as f:
         missing = [k for k in NORMALIZATION_KEYS if k not in f.files]
         if missing:
-            raise DpftError("import-dppo: '%s' lacks %s (it has %s)." % (path, ", ".join(missing), ", ".join(f.files)))
+            raise DpftError("'%s' lacks %s (it has %s)." % (path, ", ".join(missing), ", ".join(f.files)))
         return {k: np.asarray(f[k], dtype=np.float64).reshape(-1) for k in NORMALIZATION_KEYS}
 
 
 def _shape(state: Dict[str, torch.Tensor], key: str, path: str) -> Tuple[int, ...]:
     if key not in state:
-        raise DpftError("import-dppo: '%s' has no weight %s; is it a DPPO DiffusionMLP checkpoint?" % (path, key))
+        raise DpftError("'%s' has no weight %s; is it a DPPO DiffusionMLP checkpoint?" % (path, key))
     return tuple(state[key].shape)
 
 
@@ -79,11 +79,11 @@ def dppo_to_dpft_state(state: Dict[str, torch.Tensor], path: str = "checkpoint")
 
     Facts: ``time_dim``, ``in_dim``, ``out_dim``, ``mlp_dims``, ``residual_style``, ``layer_norm``."""
     if any(k.startswith("network.cond_mlp.") for k in state):
-        raise DpftError("import-dppo: '%s' has a cond_mlp (DPPO's cond_mlp_dims, e.g. its furniture configs); dpft's "
+        raise DpftError("'%s' has a cond_mlp (DPPO's cond_mlp_dims, e.g. its furniture configs); dpft's "
                         "observation MLP is another network, so this checkpoint cannot be imported." % path)
     if any(k.startswith(("network.backbone.", "network.compress")) for k in state) or not any(
             k.startswith("network.mlp_mean.") for k in state):
-        raise DpftError("import-dppo: '%s' is not a low-dim DiffusionMLP checkpoint (image and UNet networks are "
+        raise DpftError("'%s' is not a low-dim DiffusionMLP checkpoint (image and UNet networks are "
                         "not supported)." % path)
     out = {}  # type: Dict[str, torch.Tensor]
     t_out, t_in = _shape(state, "network.time_embedding.1.weight", path)
@@ -97,7 +97,7 @@ def dppo_to_dpft_state(state: Dict[str, torch.Tensor], path: str = "checkpoint")
         idx = sorted({int(m.group(1)) for m in (re.match(r"network\.mlp_mean\.layers\.(\d+)\.", k) for k in state) if m})
         last = idx[-1]
         if state["network.mlp_mean.layers.%d.weight" % last].dim() != 2:  # use_layernorm_final: an extra LayerNorm
-            raise DpftError("import-dppo: '%s' ends its ResidualMLP with a LayerNorm (use_layernorm_final), which "
+            raise DpftError("'%s' ends its ResidualMLP with a LayerNorm (use_layernorm_final), which "
                             "dpft's layout does not have." % path)
         hidden, in_dim = _shape(state, "network.mlp_mean.layers.0.weight", path)
         out_dim = _shape(state, "network.mlp_mean.layers.%d.weight" % last, path)[0]
@@ -168,17 +168,17 @@ def import_dppo_checkpoint(checkpoint: str, normalization: str, out: str, denois
     mapped, facts = dppo_to_dpft_state(state, str(checkpoint))
     obs_dim, action_dim = int(norm["obs_min"].size), int(norm["action_min"].size)
     if facts["out_dim"] % action_dim:
-        raise DpftError("import-dppo: the network outputs %d numbers, not a multiple of the normalization file's %d "
+        raise DpftError("the network outputs %d numbers, not a multiple of the normalization file's %d "
                         "action dims; are the two files from the same task?" % (facts["out_dim"], action_dim))
     horizon = facts["out_dim"] // action_dim
     cond_dim = facts["in_dim"] - facts["out_dim"] - facts["time_dim"]
     if cond_dim <= 0 or cond_dim % obs_dim:
-        raise DpftError("import-dppo: the network's condition has %d inputs, not a multiple of the normalization "
+        raise DpftError("the network's condition has %d inputs, not a multiple of the normalization "
                         "file's %d observation dims; are the two files from the same task?" % (cond_dim, obs_dim))
     cond_steps = cond_dim // obs_dim
     act = int(act_steps) if act_steps else horizon
     if not 1 <= act <= horizon:
-        raise DpftError("import-dppo: act_steps=%s must be between 1 and the checkpoint's horizon %d." % (act_steps,
+        raise DpftError("act_steps=%s must be between 1 and the checkpoint's horizon %d." % (act_steps,
                                                                                                        horizon))
     if isinstance(env_args, str):
         from dpft.envs.registry import env_args_for_task
@@ -194,11 +194,11 @@ def import_dppo_checkpoint(checkpoint: str, normalization: str, out: str, denois
     missing = sorted(set(want) - set(mapped))
     unexpected = sorted(set(mapped) - set(want))
     if missing or unexpected:
-        raise DpftError("import-dppo: the weights of '%s' do not fit DPPO's DiffusionMLP layout as dpft rebuilds it "
+        raise DpftError("the weights of '%s' do not fit DPPO's DiffusionMLP layout as dpft rebuilds it "
                         "(missing %s; unexpected %s)." % (checkpoint, missing[:5], unexpected[:5]))
     for k, v in mapped.items():
         if tuple(v.shape) != tuple(want[k].shape):
-            raise DpftError("import-dppo: weight %s has shape %s in '%s', dpft expects %s." % (
+            raise DpftError("weight %s has shape %s in '%s', dpft expects %s." % (
                 k, tuple(v.shape), checkpoint, tuple(want[k].shape)))
     model.load_state_dict(mapped)
     normalizer = MinMaxNormalizer({"state": (norm["obs_min"], norm["obs_max"] + DPPO_OBS_EPS),
