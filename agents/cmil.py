@@ -339,6 +339,13 @@ class CmilTrainer:
         if ckpt is None:
             return  # killed before its first checkpoint: start from the beginning
         latest = ckpt.dir
+        from dpft.train_utils import apply_resume_compute
+
+        warning = apply_resume_compute(self.cfg.num_threads, ckpt.meta, latest)  # the recorded threads when unset
+        if warning:
+            import sys
+
+            print("dpft finetune: " + warning, file=sys.stderr, flush=True)
         ts = ckpt.training_state
         load_state_strict(self.model, ckpt.model_state, latest)
         lr = self.learner

@@ -96,10 +96,13 @@ def _policy_spec_of(ckpt: Any) -> Dict[str, Any]:
 def eval_record(res: Dict[str, Any], seconds: float) -> Dict[str, Any]:
     """The ``eval/*`` metrics of one evaluation from :func:`dpft.envs.rollout.rollout`'s result: success rate with
     its binomial standard error, return mean and std, length, episode count, and its wall time. Every trainer logs
-    these keys."""
+    these keys, with the settings that ``dpft rollout`` of the same weights needs to give the same numbers
+    (``eval/seed`` of the first episode, ``eval/num_envs``: the envs share one sampling-noise stream, so another
+    count gives other noise)."""
     n = int(res["num_episodes"])
     out = {"eval/return": res["mean_return"], "eval/return_std": res["std_return"], "eval/length": res["mean_length"],
-           "eval/episodes": n, "time/eval": float(seconds)}
+           "eval/episodes": n, "eval/seed": int(res.get("seed", 0)), "eval/num_envs": int(res.get("num_envs", 0)),
+           "time/eval": float(seconds)}
     if res.get("success_rate") is not None:  # None: the task has no success signal (Gym locomotion)
         p = float(res["success_rate"])
         out.update({"eval/success_rate": p, "eval/success_se": math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))})
@@ -342,6 +345,8 @@ class Finetuner:
                             % (a.name, ptype, ckpt.dir, have, meta.get("policy"), hint))
         spec = _policy_spec_of(ckpt)
         if ptype == "diffusion":
+            if spec.get("eval_randn_clip_value") is None:  # deterministic evaluation samples as the start checkpoint
+                spec["eval_randn_clip_value"] = float(spec.get("randn_clip_value", 10.0))
             for key in ("min_sampling_denoising_std", "min_logprob_denoising_std", "randn_clip_value", "ddim_eta"):
                 spec[key] = float(getattr(a, key))
             if a.use_ddim is not None and bool(a.use_ddim) != bool(spec.get("use_ddim")):
@@ -501,6 +506,13 @@ class Finetuner:
         if ckpt is None:
             return  # killed before its first checkpoint: start from the beginning
         latest = ckpt.dir
+        from dpft.train_utils import apply_resume_compute
+
+        warning = apply_resume_compute(self.cfg.num_threads, ckpt.meta, latest)  # the recorded threads when unset
+        if warning and self.rank0:
+            import sys
+
+            print("dpft finetune: " + warning, file=sys.stderr, flush=True)
         ts = ckpt.training_state
         load_state_strict(self.model, ckpt.model_state, latest)
         a = self.agent
@@ -565,7 +577,11 @@ class Finetuner:
         res = rollout(self.eval_policy(), self.env, episodes=int(c.eval_episodes), seed=int(c.eval_seed),
                       deterministic=True, progress=False)
         self.model.train()
-        return dict(eval_record(res, time.perf_counter() - t0), **self._heldout_il())
+        rec = eval_record(res, time.perf_counter() - t0)
+        limit = getattr(self.env, "max_episode_steps", None)
+        if limit is not None:
+            rec["eval/max_episode_steps"] = int(limit)
+        return dict(rec, **self._heldout_il())
 
     def _heldout_il(self) -> Dict[str, Any]:
         """(H-inril) the IL loss on held-out demos at every evaluation (IN-RIL's Figure 8)."""

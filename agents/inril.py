@@ -48,7 +48,7 @@ import torch
 
 from dpft.errors import DpftError
 from dpft.rl.grad import cosine, flatten_grads, set_flat_grad
-from dpft.rl.inril import (AdaptiveInterleave, CairLambda, GradientEMA, InterleaveSchedule, cair_gradient, parse_m,
+from dpft.rl.inril import (ADAPTIVE_RULES, AdaptiveInterleave, CairLambda, GradientEMA, InterleaveSchedule, cair_gradient, parse_m,
                            separate_il_gradient, validate_separation)
 
 #: offset of the IL stream's seed from the run seed (keeps it apart from the sampler's stream)
@@ -77,6 +77,9 @@ def validate_inril_config(cfg: Any) -> None:
     if not int(i.m_min) <= int(i.m_init) <= int(i.m_max):
         raise DpftError("inril.m_min=%s, inril.m_init=%s, inril.m_max=%s: expected m_min <= m_init <= m_max."
                         % (i.m_min, i.m_init, i.m_max))
+    if str(i.adaptive_rule) not in ADAPTIVE_RULES:
+        raise DpftError("inril.adaptive_rule=%s is unknown; expected %s (docs/inril.md section 5.2)."
+                        % (i.adaptive_rule, " or ".join(ADAPTIVE_RULES)))
     CairLambda(c.start, c.rate, c.monotone, c.mode, c.lam_min, c.lam_max)  # its own checks name cair.<key>
     if i.separation == "network" and (str(i.m).strip().lower() == "adaptive" or c.enabled):
         raise DpftError("inril.separation=network trains different networks by IL (the base) and RL (the residual), "
@@ -224,7 +227,7 @@ class InRIL:
         self.il_lr = float(i.il_lr) if i.il_lr is not None else actor_lr
         self.il_lr_warmup = int(i.il_lr_warmup)
         self.ctl = AdaptiveInterleave(int(i.m_init), int(i.m_min), int(i.m_max), lr_ratio=self.il_lr / actor_lr,
-                                      c=float(i.adaptive_c)) if self.adaptive else None
+                                      c=float(i.adaptive_c), rule=str(i.adaptive_rule)) if self.adaptive else None
         self.cair = CairLambda(c.start, c.rate, c.monotone, c.mode, c.lam_min, c.lam_max) if c.enabled else None
         self.cair_c = float(c.c)
         self.interleave = self.adaptive or self.m_value != math.inf

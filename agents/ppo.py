@@ -3,9 +3,11 @@
 
 The policy is ``N(mean(obs), std)`` over a chunk ``(Ta, Da)`` with a learned, state-independent, bounded
 std per action dimension. ``log pi`` covers the first ``act_steps`` (executed) actions: ``logprob_reduction=
-mean`` averages the per-element log-densities and clamps to ``[logprob_min, logprob_max]`` (DPPO; the ratio
-is then a per-dimension geometric mean, hence DPPO's tiny clip 0.01), ``sum`` adds them (CleanRL, ResiP; the
-true log-density of the executed actions, no clamp). Evaluation acts with the mean.
+mean`` averages the per-element log-densities over action steps and dims and then clamps the mean to
+``[logprob_min, logprob_max]`` (DPPO's ``gaussian_vpg.py`` order, :func:`mean_clamp`; the ratio is then a
+per-dimension geometric mean, hence DPPO's tiny clip 0.01), ``sum`` adds them (CleanRL, ResiP; the true
+log-density of the executed actions, no clamp). The update's log-densities use the sampler's own
+``normal_log_prob``, so the first minibatch's ratio is exactly 1. Evaluation acts with the mean.
 
 From scratch (``env=``), the ``ppo_scratch`` preset follows CleanRL: tanh 64x64 actor and critic with
 orthogonal init (gain sqrt(2), actor head 0.01, critic head 1), std 1 at the start, running observation
@@ -24,7 +26,8 @@ from dpft.rl.critic import ValueNet
 from dpft.rl.ppo_loss import ppo_policy_loss
 from dpft.rl.returns import RunningMeanStd
 
-from dpft.agents.onpolicy import OnPolicyAgent, clamp_mean, normalized
+from dpft.agents.onpolicy import OnPolicyAgent, mean_clamp, normalized
+from dpft.models.gaussian import normal_log_prob
 
 
 def orthogonal_init(module: nn.Module, head_gain: float) -> None:
@@ -72,7 +75,7 @@ class PPOAgent(OnPolicyAgent):
 
     def _reduce(self, logp: torch.Tensor) -> torch.Tensor:
         if self.cfg.logprob_reduction == "mean":
-            return clamp_mean(logp, self.cfg.logprob_min, self.cfg.logprob_max)
+            return mean_clamp(logp, self.cfg.logprob_min, self.cfg.logprob_max)
         return logp.flatten(1).sum(1)
 
     def num_samples(self, ro: Any) -> int:
@@ -87,8 +90,7 @@ class PPOAgent(OnPolicyAgent):
         obs = {k: v[idx] for k, v in flat["obs"].items()}
         mean, std = self.model.distribution(obs)
         actions = flat["act"]["action"][idx]
-        diff = (actions - mean)[:, :a]
-        logp = -0.5 * (diff / std) ** 2 - torch.log(std) - 0.5 * float(np.log(2 * np.pi))
+        logp = normal_log_prob(actions - mean, std)[:, :a]  # the sampler's formula: the same float operations
         new = self._reduce(logp)
         adv = normalized(flat["adv"][idx], cfg.norm_adv, self.adv_reduce)
         loss, info = ppo_policy_loss(new, flat["act"]["logprob"][idx], adv, cfg.clip_coef)

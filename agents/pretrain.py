@@ -174,6 +174,8 @@ class Pretrainer:
         self.dist = dist_info_from_env()
         self.rank0 = self.dist.rank == 0
         self._pg_owned = False
+        if cfg.num_threads:  # before open_run_dir, which records the resolved count in run.json
+            torch.set_num_threads(int(cfg.num_threads))
         # before any data or model work: out= is created, writable, ours (locked) and resumable as asked
         self.run_dir = (open_run_dir(self.out, "pretrain", resume=bool(cfg.resume), overwrite=bool(cfg.overwrite),
                                      inputs={"dataset": cfg.dataset})
@@ -222,6 +224,11 @@ class Pretrainer:
                                 "start a new run with a new out=."
                                 % (latest, desc, ", ".join(sorted(RESUME_MAY_CHANGE))))
             self.schedule_steps = resume_schedule_steps(resume_ckpt, cfg)
+            from dpft.train_utils import apply_resume_compute
+
+            warning = apply_resume_compute(cfg.num_threads, resume_ckpt.meta, latest)  # recorded threads if unset
+            if warning and self.rank0:
+                print("dpft pretrain: " + warning, file=sys.stderr, flush=True)
         elif latest is not None:  # DDP ranks other than 0 (rank 0's open_run_dir refused this already)
             raise DpftError("out='%s' already holds a run with checkpoints (newest: %s). Pass resume=true to continue "
                             "it, or choose a new out= directory." % (self.out, os.path.basename(latest)))

@@ -54,13 +54,19 @@ Options (default):
   steps=800             pretraining optimizer steps (short on purpose)
   finetune=15           DPPO fine-tuning iterations (0 = stop after the first rollout)
   episodes=20           evaluation episodes
-  envs=0                parallel environments (0 = min(episodes, CPU cores))
+  envs=0                parallel environments of the rollouts (0 = 4, as fine-tuning; the count changes the
+                        sampling noise, so the numbers are comparable only with the same count)
   videos=2              episodes to record as MP4
   seed=0                seed for demos, training and evaluation
   device=auto           cpu | cuda | auto
 
 A stage is skipped when it completed with the same inputs (OUT/stages.json records them); a changed
 option re-runs that stage and every stage after it, and re-running continues a killed quickstart."""
+
+#: torch CPU threads of every quickstart stage: pinned, so that OMP_NUM_THREADS or the machine's core count does not
+#: change the result (float reductions split over another number of threads differ in the last bits, and RL
+#: amplifies that: two runs with 1 and 2 threads ended at 7/20 and 11/20)
+QUICKSTART_THREADS = 1
 
 # The pretraining recipe of the quickstart (a small DPPO-style MLP diffusion policy on Lift low-dim obs).
 PRETRAIN_OVERRIDES: List[str] = [
@@ -75,6 +81,7 @@ PRETRAIN_OVERRIDES: List[str] = [
     "warmup_steps=200",
     "val_every=500",
     "log_every=50",
+    f"num_threads={QUICKSTART_THREADS}",
 ]
 
 
@@ -112,17 +119,23 @@ STAGES_FILE = "stages.json"
 QUICKSTART_ENTRIES = frozenset(["lift_demos.hdf5", "run", "rollout", "finetune", "rollout_finetuned", STAGES_FILE,
                                 "run.json", ".dpft.lock"])
 
-# The fine-tuning recipe of the quickstart: DPPO on the last 10 of 20 DDPM steps, CPU-sized rollouts.
+#: environments of the fine-tuning run AND of the quickstart's rollouts (``envs=0``): the envs of one rollout share
+#: one sampling-noise stream, so the same count makes the fine-tuning run's iteration-0 evaluation equal the
+#: pretrained rollout (and keeps the result independent of the machine's core count)
+QUICKSTART_ENVS = 4
+
+# The fine-tuning recipe of the quickstart: DPPO on the last 10 of 20 DDPM steps, CPU-sized rollouts. Episodes keep
+# Lift's 300-step limit (as the rollouts do); the iteration's 25 chunks of 8 steps cut them at 200 in training
+# (a bootstrapped truncation). The evaluation runs the rollouts' `episodes` episodes (added by quickstart()).
 FINETUNE_OVERRIDES: List[str] = [
     "agent=dppo",
     "preset=dppo_robomimic",
-    "envs=4",
+    f"envs={QUICKSTART_ENVS}",
     "n_steps=25",
-    "max_episode_steps=200",
     "eval_every=0",
-    "eval_episodes=10",
     "agent.batch_size=250",
     "agent.n_critic_warmup_itr=1",
+    f"num_threads={QUICKSTART_THREADS}",
 ]
 
 
@@ -211,7 +224,7 @@ def _rollout_stage(stages: "_Stages", name: str, label: str, run: str, rollout_d
     stages.mark(name, inputs, complete=False)
     if os.path.isdir(rollout_dir):
         shutil.rmtree(rollout_dir)  # no result or video of an earlier rollout stays beside the new one
-    result = rollout_checkpoint(run, episodes=episodes, num_envs=envs or None, seed=seed, video=videos,
+    result = rollout_checkpoint(run, episodes=episodes, num_envs=envs or QUICKSTART_ENVS, seed=seed, video=videos,
                                 out_dir=rollout_dir, weights="ema", device="cpu",
                                 env_options={"terminate_on_success": True})
     stages.mark(name, inputs, complete=True)
@@ -227,8 +240,8 @@ def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise
 
     A stage whose inputs (options, and the checksum of the previous stage's output) match the record in
     ``OUT/stages.json`` and that completed is skipped; a killed pretraining with the same inputs resumes; any
-    other stage is re-run from scratch, and so is every stage after it. ``envs`` and ``device`` change speed,
-    not results, so they are not inputs.
+    other stage is re-run from scratch, and so is every stage after it. ``device`` changes speed, not results, so it
+    is not an input; ``envs`` is an input of the rollouts (the envs share one sampling-noise stream).
     """
     import time
 
@@ -238,8 +251,12 @@ def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise
     from dpft.envs.rollout import DEFAULT_ROLLOUT_SEED
     from dpft.rundir import open_run_dir
 
+    import torch
+
     t0 = time.time()
+    threads = torch.get_num_threads()
     run_dir = open_run_dir(out, "quickstart", resume=False, known_entries=QUICKSTART_ENTRIES)
+    torch.set_num_threads(QUICKSTART_THREADS)  # the rollouts' policy too (pretrain / finetune: num_threads=)
     try:
         out = run_dir.path
         stages = _Stages(out)
@@ -283,7 +300,8 @@ def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise
         n_stages = 5 if finetune > 0 else 3
         eval_seed = DEFAULT_ROLLOUT_SEED + seed
         eval_inputs = dict(_checkpoint_id(run), pretrain=train_inputs, episodes=episodes, videos=videos,
-                           seed=eval_seed, weights="ema", terminate_on_success=True)  # type: Dict[str, Any]
+                           seed=eval_seed, weights="ema", terminate_on_success=True,
+                           envs=envs or QUICKSTART_ENVS)  # type: Dict[str, Any]
         result = _rollout_stage(stages, "rollout", f"[3/{n_stages}]", run, rollout_dir, eval_inputs, episodes, envs,
                                 videos, eval_seed)
         before = result
@@ -292,11 +310,12 @@ def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise
 
             ft_dir = os.path.join(out, "finetune")
             ft_inputs = {"recipe": list(FINETUNE_OVERRIDES), "iterations": finetune, "seed": seed,
-                         "pretrained": _checkpoint_id(run)}  # type: Dict[str, Any]
+                         "eval_episodes": episodes, "pretrained": _checkpoint_id(run)}  # type: Dict[str, Any]
             if stages.finished("finetune", ft_inputs) and _complete_checkpoint_step(ft_dir) >= finetune:
                 print(f"[4/{n_stages}] fine-tuning: reusing {ft_dir}")
             else:
                 overrides = FINETUNE_OVERRIDES + [f"checkpoint={run}", f"out={ft_dir}", f"iterations={finetune}",
+                                                  f"eval_episodes={episodes}", f"eval_seed={eval_seed}",
                                                   f"seed={seed}", f"device={device}", f"save_every={max(finetune // 3, 1)}"]
                 if os.path.isdir(ft_dir) and stages.same_inputs("finetune", ft_inputs):
                     overrides.append("resume=true")
@@ -309,13 +328,14 @@ def quickstart(out: str = DEFAULTS["out"], demos: int = DEFAULTS["demos"], noise
                 run_finetune(compose("finetune", overrides))
                 stages.mark("finetune", ft_inputs, complete=True)
             ft_eval = dict(_checkpoint_id(ft_dir), finetune=ft_inputs, episodes=episodes, videos=videos,
-                           seed=eval_seed, weights="model", terminate_on_success=True)
+                           seed=eval_seed, weights="model", terminate_on_success=True, envs=envs or QUICKSTART_ENVS)
             result = _rollout_stage(stages, "rollout_finetuned", f"[5/{n_stages}]", ft_dir,
                                     os.path.join(out, "rollout_finetuned"), ft_eval, episodes, envs, videos, eval_seed)
             result = dict(result, pretrained=before)
             rollout_dir = os.path.join(out, "rollout_finetuned")
     finally:
         run_dir.close()
+        torch.set_num_threads(threads)
     video_paths = [os.path.abspath(os.path.join(rollout_dir, ep["video"]))
                    for ep in result.get("episodes", []) if ep.get("video")]
     n = result.get("num_episodes", episodes)

@@ -53,6 +53,7 @@ import torch
 from dpft.errors import DpftError
 from dpft.normalization import MinMaxNormalizer
 from dpft.rng import RngState
+from dpft.sysinfo import COMPUTE_KEY, compute_environment
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -331,6 +332,7 @@ def save_checkpoint(
             "dpft_version": dpft.__version__,
             "torch_version": torch.__version__,
             "has_ema": ema_state is not None,
+            COMPUTE_KEY: compute_environment(),  # thread count, torch build, CPU kernels: what exact resume needs
         })
         full_meta[CHECKSUMS_KEY] = checksum_tree(tmp)  # every file written above; meta.json comes last
         _write_json(os.path.join(tmp, META_FILE), _encode(full_meta, "meta.json"))

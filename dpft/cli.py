@@ -9,6 +9,7 @@ Commands (options are Hydra-style ``key=value`` overrides of ``cfg/<command>.yam
   dpft finetune agent=dppo checkpoint=RUN_DIR out=FT_DIR   RL fine-tuning (dppo | ppo | residual_ppo | idql)
   dpft rollout checkpoint=RUN_DIR episodes=20    run a checkpoint, score it, write videos
   dpft quickstart                                demos -> pretrain -> rollout -> DPPO -> rollout on Lift
+  dpft import-dppo checkpoint=STATE.pt normalization=NORM.npz out=RUN_DIR   a DPPO checkpoint as a dpft run
   dpft info                                      versions and rendering backend (paste into bug reports)
 
 Every command has ``--help``; ``--show-config`` prints the composed config and exits. Errors in user
@@ -265,6 +266,10 @@ def cmd_rollout(args: List[str]) -> int:
     import_isaacgym_if_needed(cfg.checkpoint)  # before anything imports torch
     from dpft.envs.rollout import rollout_checkpoint
 
+    if cfg.num_threads:  # the float results of the policy depend on it (README: Reproducibility)
+        import torch
+
+        torch.set_num_threads(int(cfg.num_threads))
     out = cfg.out
     if out is None:  # default: RUN_DIR/rollout/step_XXXXXXXX, next to the checkpoint it evaluates
         from dpft.checkpoint import resolve_checkpoint
@@ -304,6 +309,55 @@ Print dpft's version, Python, torch, CUDA, simulator and rendering-backend versi
 It takes no options."""
 
 
+IMPORT_DPPO_HELP = """Turn a DPPO-pretrained DiffusionMLP checkpoint and its normalization file into a dpft run.
+
+Usage: dpft import-dppo checkpoint=STATE.pt normalization=NORM.npz out=RUN_DIR [key=value ...]
+
+Options (default):
+  checkpoint=           DPPO's state_<epoch>.pt (read with torch.load(weights_only=True) only)
+  normalization=        DPPO's normalization.npz (obs_min, obs_max, action_min, action_max)
+  out=                  new dpft run directory
+  env=null              task to roll out in (hopper, walker2d, halfcheetah, lift, can, square, ...)
+  denoising_steps=20    DPPO's denoising_steps of the run (not stored in its checkpoint)
+  activation=relu       DPPO's activation_type (relu: its gym configs; mish: its class default, robomimic)
+  act_steps=0           executed actions per chunk (0 = the whole horizon)
+  weights=ema           ema | model
+  obs_key=obs           name of the flat low-dim observation
+  overwrite=false       replace an existing dpft run in out="""
+
+
+def cmd_import_dppo(args: List[str]) -> int:
+    want_help, show, rest = _split_help(args)
+    if want_help:
+        print(IMPORT_DPPO_HELP)
+        return 0
+    from dpft.dppo_import import import_dppo_checkpoint
+
+    known = {"checkpoint": str, "normalization": str, "out": str, "env": str, "denoising_steps": int,
+             "activation": str, "act_steps": int, "weights": str, "obs_key": str, "overwrite": str}
+    kw = {}  # type: Dict[str, object]
+    for arg in rest:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in known:
+            raise DpftError("%r is not one of the key=value options of import-dppo (%s); see dpft import-dppo --help."
+                            % (arg, ", ".join(known)))
+        try:
+            kw[key] = known[key](value)
+        except ValueError:
+            raise DpftError("%s=%r must be an integer." % (key, value)) from None
+    if show:  # the options it would run with; nothing is read or written
+        print("\n".join("%s: %s" % (k, kw[k]) for k in known if k in kw) or "(defaults; see dpft import-dppo --help)")
+        return 0
+    for key in ("checkpoint", "normalization", "out"):
+        if not kw.get(key):
+            raise DpftError("import-dppo needs %s=...; see dpft import-dppo --help." % key)
+    env = kw.pop("env", None)
+    overwrite = str(kw.pop("overwrite", "false")).lower() in ("1", "true", "yes")
+    path = import_dppo_checkpoint(env_args=None if env in (None, "", "null") else env, overwrite=overwrite, **kw)
+    print("dpft import-dppo: wrote %s (policy.mlp_arch=dppo); try: dpft rollout checkpoint=%s" % (path, kw["out"]))
+    return 0
+
+
 def cmd_info(args: List[str]) -> int:
     want_help, show, rest = _split_help(args)
     if want_help:
@@ -328,6 +382,7 @@ COMMANDS: Dict[str, Callable[[List[str]], int]] = {
     "finetune": cmd_finetune,
     "rollout": cmd_rollout,
     "quickstart": cmd_quickstart,
+    "import-dppo": cmd_import_dppo,
     "info": cmd_info,
 }
 

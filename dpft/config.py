@@ -43,6 +43,9 @@ class PolicyConfig:
     min_logprob_denoising_std: float = _f(0.1, "floor on the per-step std in log-probabilities (RL; > 0)",
                                           range=">0", meaning='a std floor; log-probabilities need it > 0')
     randn_clip_value: float = _f(10.0, "clip on the Gaussian noise drawn while sampling", range=">0")
+    eval_randn_clip_value: Optional[float] = _f(None, "clip on the noise of deterministic sampling (null = "
+                                                "randn_clip_value; RL fine-tuning keeps its start checkpoint's)",
+                                                range=">0", meaning="null = randn_clip_value")
     denoised_clip_value: Optional[float] = _f(1.0, "clip on the predicted x0 (null = no clip)", range=">0")
     # MLP denoiser / Gaussian MLP
     mlp_dims: Optional[List[int]] = _f(None, "hidden layer widths of the MLP (null = [512,512,512] for diffusion_mlp, "
@@ -50,6 +53,8 @@ class PolicyConfig:
     residual_style: bool = _f(True, "residual MLP blocks (DPPO style)")
     layer_norm: bool = _f(False, "LayerNorm in the MLP blocks")
     activation: str = _f("mish", "mish | relu | gelu | elu | silu")
+    mlp_arch: str = _f("dpft", "diffusion_mlp layout: dpft | dppo (DPPO's DiffusionMLP exactly: no activation before "
+                       "the output layer, Mish in the time MLP, LayerNorm eps 1e-6; policy=diffusion_mlp_dppo)")
     time_dim: int = _f(16, "sinusoidal diffusion-time embedding size (MLP denoiser)", range=">=1")
     cond_mlp_dims: Optional[List[int]] = _f(None, "optional MLP on the flattened observation before the denoiser",
                                             range=">=1", meaning='layer widths')
@@ -227,6 +232,9 @@ class RolloutConfig:
     device: str = _f("cpu", "cpu | cuda | auto (policy inference device)")
     max_episode_steps: Optional[int] = _f(None, "override the task's episode length",
                                           range=">=1", meaning=MAX_EPISODE_STEPS_MEANING)
+    num_threads: Optional[int] = _f(None, "torch CPU threads of the policy (unset = torch's choice; a fine-tuning "
+                                    "run's evaluation is reproduced with its num_threads)", range=">=1",
+                                    meaning="unset = torch's choice")
     terminate_on_success: bool = _f(True, "end an episode when the task succeeds")
     video_size: int = _f(256, "video frame size (square)", range="[16,4096]", meaning='pixels')
     camera: Optional[str] = _f(None, "camera to render (default agentview)")

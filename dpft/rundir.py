@@ -321,7 +321,10 @@ def _write_marker(path: str, kind: str) -> Dict[str, Any]:
     import dpft
     from dpft.checkpoint import write_text_atomic
 
-    info = {"kind": kind, "dpft_version": dpft.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    from dpft.sysinfo import COMPUTE_KEY, compute_environment
+
+    info = {"kind": kind, "dpft_version": dpft.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            COMPUTE_KEY: compute_environment()}  # the thread count etc. when the run started (checkpoints: at saving)
     try:
         write_text_atomic(os.path.join(path, RUN_MARKER), json.dumps(info, indent=1) + "\n")
     except OSError as e:

@@ -230,3 +230,21 @@ def config_differences(saved_yaml: str, cfg: Any, may_change: Collection[str],
 __all__ = ["DistInfo", "dist_info_from_env", "per_rank", "init_process_group", "destroy_process_group", "barrier",
            "all_gather_objects", "resolve_device", "cosine_warmup_lambda", "clip_grad_norm",
            "count_parameters", "config_differences"]
+
+
+def apply_resume_compute(requested_threads: Any, saved_meta: Any, where: str) -> Optional[str]:
+    """On resume: use the thread count the run recorded when ``num_threads`` is unset (so that resuming is exact),
+    and return the warning to print when the compute environment still differs from the one recorded in the
+    checkpoint ``where`` (another ``num_threads=``, torch build or CPU kernels), else None.
+
+    ``saved_meta`` is the checkpoint's meta.json dict (its ``compute`` record; checkpoints without one resume
+    silently, as before)."""
+    import torch
+
+    from dpft.sysinfo import COMPUTE_KEY, compute_environment, resume_threads, resume_warning
+
+    saved = saved_meta.get(COMPUTE_KEY) if isinstance(saved_meta, dict) else None
+    n = resume_threads(requested_threads, saved)
+    if n and n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return resume_warning(saved, compute_environment(), where)

@@ -384,6 +384,33 @@ def _per_camera(value: Any, cameras: List[str], camera: str, default: int) -> in
     return int(value)
 
 
+def _task_success(rs_env: Any) -> bool:
+    succ = rs_env._check_success()
+    if isinstance(succ, dict):
+        succ = succ.get("task", False)
+    return bool(succ)
+
+
+def refreshed_reward_and_success(rs_env: Any, action: Any) -> Tuple[float, bool]:
+    """THE reward rule of dpft's robosuite tasks: ``(reward, success)`` of one step, both of the state it ended in.
+
+    Call it after ``rs_env.sim.forward()`` has refreshed the kinematics of the step's final physics state (robosuite's
+    own ``env.step`` computes its reward before that refresh, from positions that lag the joint state by one physics
+    sub-step, so near a threshold it could report success with reward 0 or the reverse). Both values are then read
+    from the same refreshed state:
+
+    * ``success``: robosuite's ``_check_success()`` (its ``"task"`` entry when it returns a dict);
+    * ``reward``: robosuite's ``reward(action)`` of that state: with ``reward_shaping=False`` (the robomimic and DPPO
+      setting) exactly ``reward_scale`` (1.0) at a successful step and 0 otherwise for Lift, PickPlaceCan,
+      NutAssemblySquare and TwoArmTransport; with ``reward_shaping=True`` robosuite's shaped reward of that state.
+
+    Any other backend of these tasks (e.g. a batched MuJoCo one) must give the same two values for the same state.
+    """
+    success = _task_success(rs_env)
+    reward = float(rs_env.reward(action))
+    return reward, success
+
+
 class RobosuiteEnv(Env):
     """One robosuite environment with robomimic observation names (see the module docstring).
 
@@ -565,15 +592,16 @@ class RobosuiteEnv(Env):
         a = self._checked_action(action)
         if self._use_camera:
             self._make_gl_current()
-        raw, reward, _, info = self.env.step(a)
+        raw, _, _, info = self.env.step(a)  # robosuite's reward is of the un-refreshed kinematics: not used
         self.elapsed_steps += 1
+        # robosuite computes its reward and samples observations before the kinematics of the last physics sub-step
+        # are recomputed (positions lag the joint state by ~0.5 mm); robomimic datasets (and `dpft demos`) hold
+        # observations of each stored state. Refresh (mj_forward changes no state) so that reward, success and the
+        # low-dim observations all describe the state the step ended in.
+        self.env.sim.forward()
         if not self._use_camera:
-            # robosuite samples observations before the kinematics of the last physics sub-step are recomputed
-            # (positions lag the joint state by ~0.5 mm); robomimic datasets (and `dpft demos`) hold observations
-            # of each stored state. Refresh (mj_forward changes no state) so evaluation sees what training saw.
-            self.env.sim.forward()
             raw = self._fresh_raw_obs()
-        success = self.is_success()
+        reward, success = refreshed_reward_and_success(self.env, a)
         info = dict(info or {})
         info["success"] = success
         terminated = bool(self.terminate_on_success and success)
@@ -582,10 +610,7 @@ class RobosuiteEnv(Env):
 
     def is_success(self) -> bool:
         """Task success in the current state (robosuite's ``_check_success``)."""
-        succ = self.env._check_success()
-        if isinstance(succ, dict):
-            succ = succ.get("task", False)
-        return bool(succ)
+        return _task_success(self.env)
 
     # -- simulator state -------------------------------------------------------------------------------------------
     def get_state(self) -> np.ndarray:

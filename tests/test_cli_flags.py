@@ -14,6 +14,7 @@ def no_work(monkeypatch):
     import dpft.agents.pretrain as pre
     import dpft.agents.quickstart as qs
     import dpft.data.hdf5 as h5
+    import dpft.dppo_import as dppo
     import dpft.envs.demos as demos
     import dpft.envs.rollout as ro
     import dpft.sysinfo as si
@@ -22,11 +23,13 @@ def no_work(monkeypatch):
         raise AssertionError("work started")
 
     for mod, name in ((qs, "quickstart"), (si, "system_report"), (h5, "describe"), (pre, "pretrain"),
-                      (ft, "finetune"), (demos, "make_demos"), (ro, "rollout_checkpoint")):
+                      (ft, "finetune"), (demos, "make_demos"), (ro, "rollout_checkpoint"),
+                      (dppo, "import_dppo_checkpoint")):
         monkeypatch.setattr(mod, name, boom)
 
 
-ARGS = {"data": ["info"], "demos": [], "pretrain": [], "finetune": [], "rollout": [], "quickstart": [], "info": []}
+ARGS = {"data": ["info"], "demos": [], "pretrain": [], "finetune": [], "rollout": [], "quickstart": [], "info": [],
+        "import-dppo": ["checkpoint=state_1.pt", "normalization=norm.npz", "out=run"]}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

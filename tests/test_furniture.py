@@ -611,3 +611,26 @@ def test_max_env_steps_reaches_the_fork_and_defaults_to_the_episode_length():
     assert make("lamp", num_envs=1, max_env_steps=100_000_000).sim_env.max_env_steps == 100_000_000
     with pytest.raises(DpftError, match="max_env_steps=0"):
         make("lamp", num_envs=1, max_env_steps=0)
+
+
+def test_sparse_return_positive_iff_success_over_many_episodes():
+    """Issue 19 item 1 on the furniture backend: reward and success come from the same fork step, so over many
+    episodes of a policy that succeeds sometimes (one_leg: one pair) the sparse return is > 0 exactly when the
+    episode succeeded, with or without terminate_on_success."""
+    for terminate in (True, False):
+        env = make("one_leg", num_envs=8, act_steps=4, cond_steps=1, max_episode_steps=12,
+                   terminate_on_success=terminate)
+        env.reset(seeds=list(range(8)))
+        rng = np.random.default_rng(0)
+        ended = []
+        for _ in range(30):
+            leg = env.sim_env.part_positions()[:, 4]
+            aim = leg + rng.normal(scale=0.6 * REACH_THRESHOLD, size=leg.shape).astype(np.float32)
+            result = env.step(goto(env, aim))
+            done = np.asarray(result.terminated) | np.asarray(result.truncated)
+            for i in np.flatnonzero(done):
+                ended.append((float(result.info["episode_return"][i]), bool(result.success[i])))
+        returns = np.array([r for r, _ in ended])
+        success = np.array([s for _, s in ended])
+        assert len(ended) >= 30 and success.any() and not success.all(), (len(ended), success.mean())
+        np.testing.assert_array_equal(returns > 0, success)

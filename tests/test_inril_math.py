@@ -184,24 +184,45 @@ def test_gradient_ema_state_dict_round_trip_exact_and_checks():
 # ---------------------------------------------------------------------------------------------- adaptive m
 
 def test_adaptive_m_hand_values():
-    # first order (c = 0): raw = q rho a / b
-    assert I.adaptive_m(2.0, 0.5, 1.0, c=0.0) == (4, 4.0)
-    assert I.adaptive_m(1.0, 1.0, 0.5, c=0.0) == (1, 0.5)          # ceil(0.5) = 1
-    assert I.adaptive_m(1.0, 1.0, 0.5, c=0.0, lr_ratio=5.0) == (3, 2.5)
+    """rule="noise" (dpft's earlier rule): B = q rho a b + (c/2) q^2 (a^2 + v_IL), D = (1 - c/2) b^2 - (c/2) v_RL."""
+    for rule in ("paper", "noise"):  # first order (c = 0): both rules are raw = q rho a / b
+        assert I.adaptive_m(2.0, 0.5, 1.0, c=0.0, rule=rule) == (4, 4.0)
+        assert I.adaptive_m(1.0, 1.0, 0.5, c=0.0, rule=rule) == (1, 0.5)          # ceil(0.5) = 1
+        assert I.adaptive_m(1.0, 1.0, 0.5, c=0.0, lr_ratio=5.0, rule=rule) == (3, 2.5)
     # with curvature: a = 4, b = 1, rho = 0.5, c = 0.5: B = 2 + 0.25 * 16 = 6, D = 0.75 -> 8
-    m, raw = I.adaptive_m(4.0, 1.0, 0.5, c=0.5)
+    m, raw = I.adaptive_m(4.0, 1.0, 0.5, c=0.5, rule="noise")
     assert m == 8 and raw == pytest.approx(8.0)
     # noise: a = 1, b = 2, rho = 0.5, c = 0.5, v_IL = 1, v_RL = 4: B = 1 + 0.25 * 2 = 1.5, D = 3 - 1 = 2
-    assert I.adaptive_m(1.0, 2.0, 0.5, 1.0, 4.0, c=0.5) == (1, 0.75)
+    assert I.adaptive_m(1.0, 2.0, 0.5, 1.0, 4.0, c=0.5, rule="noise") == (1, 0.75)
     # the same with v_RL = 10: D = 3 - 2.5 = 0.5 -> raw 3
-    assert I.adaptive_m(1.0, 2.0, 0.5, 1.0, 10.0, c=0.5) == (3, pytest.approx(3.0))
+    assert I.adaptive_m(1.0, 2.0, 0.5, 1.0, 10.0, c=0.5, rule="noise") == (3, pytest.approx(3.0))
+    # noisy RL minibatches (v_RL > (2/c - 1) b^2 = 3 * 4): D < 0 -> m_max, whatever the conflict
+    assert I.adaptive_m(1.0, 2.0, 0.01, 0.0, 13.0, c=0.5, m_max=100, rule="noise") == (100, math.inf)
+
+
+def test_adaptive_m_paper_rule_hand_values():
+    """IN-RIL Appendix D: m A = B, B = q rho a b + (c/2) q^2 v_IL, A = (1 - c/2) b^2 (the default rule)."""
+    # a = 4, b = 1, rho = 0.5, c = 0.5, no noise: B = 2, A = 0.75 -> raw 8/3, m = 3
+    m, raw = I.adaptive_m(4.0, 1.0, 0.5, c=0.5)
+    assert m == 3 and raw == pytest.approx(8.0 / 3.0)
+    # a = 1, b = 2, rho = 0.5, c = 0.5, v_IL = 1: B = 1 + 0.25 * 1 = 1.25, A = 0.75 * 4 = 3 -> raw 5/12, m = 1
+    assert I.adaptive_m(1.0, 2.0, 0.5, 1.0, 4.0, c=0.5) == (1, pytest.approx(5.0 / 12.0))
+    # v_RL does not enter: the same with v_RL = 13 (where rule="noise" saturates at m_max)
+    assert I.adaptive_m(1.0, 2.0, 0.5, 1.0, 13.0, c=0.5) == (1, pytest.approx(5.0 / 12.0))
+    # q = 2, a = 3, b = 0.5, rho = 0.6, c = 0.2, v_IL = 1: B = 2*0.6*3*0.5 + 0.1*4*1 = 2.2, A = 0.9*0.25 = 0.225
+    m, raw = I.adaptive_m(3.0, 0.5, 0.6, 1.0, 0.16, c=0.2, lr_ratio=2.0, m_max=1000, rule="paper")
+    assert raw == pytest.approx(2.2 / 0.225) and m == 10
+    with pytest.raises(DpftError, match="rule='sqrt'"):
+        I.adaptive_m(1.0, 1.0, 0.5, rule="sqrt")
 
 
 def test_adaptive_m_regimes_and_clipping():
     assert I.adaptive_m(1.0, 1.0, -0.5, c=0.0, m_min=2) == (2, -0.5)    # aligned: IL helps RL -> m_min
-    assert I.adaptive_m(1.0, 0.0, 0.5, c=0.5, m_max=40) == (40, math.inf)  # no RL progress -> m_max
+    assert I.adaptive_m(1.0, 0.0, 0.5, c=0.5, m_max=40, rule="noise") == (40, math.inf)  # no RL progress -> m_max
+    assert I.adaptive_m(1.0, 0.0, 0.5, 1.0, c=0.5, m_max=40) == (40, math.inf)  # paper: IL noise, no RL gradient
     assert I.adaptive_m(1.0, 0.0, 0.5, c=0.0, m_min=2)[0] == 2  # first order, no RL gradient: IL is harmless
-    assert I.adaptive_m(1.0, 1.0, 0.5, 0.0, 100.0, c=0.5, m_max=40)[0] == 40  # RL noise-dominated
+    assert I.adaptive_m(1.0, 1.0, 0.5, 0.0, 100.0, c=0.5, m_max=40, rule="noise")[0] == 40  # RL noise-dominated
+    assert I.adaptive_m(1.0, 1.0, 0.5, 0.0, 100.0, c=0.5, m_max=40) == (1, pytest.approx(2.0 / 3.0))  # paper
     assert I.adaptive_m(0.0, 0.0, 0.0, c=0.0, m_min=3)[0] == 3
     assert I.adaptive_m(100.0, 1.0, 1.0, c=0.0, m_max=50) == (50, 100.0)
 

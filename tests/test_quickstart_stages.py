@@ -141,3 +141,32 @@ def test_finetune_stage_runs_after_pretraining_and_prints_before_and_after(tmp_p
     kw.update(finetune=4)  # a longer fine-tuning budget: only stages 4 and 5 re-run (the old run is replaced)
     quickstart(**kw)
     assert fakes == [("finetune", 4, False, True), ("rollout", 2, 0, 100000)]
+
+
+def test_rollouts_and_finetune_evaluation_use_the_same_settings(tmp_path, fakes, monkeypatch):
+    """Issue 19 item 5: the fine-tuning run's iteration-0 evaluation runs the pretrained rollout's episodes with the
+    same seeds, number of envs (one shared noise stream), episode length limit and threads; the pretrained rollout
+    once ran 2 envs (the core count) x 300 steps on 20 seeds beside an evaluation of 4 envs x 200 steps on 10."""
+    import dpft.agents.finetune as F
+    import dpft.envs.rollout as R
+    from dpft.agents.quickstart import QUICKSTART_ENVS, QUICKSTART_THREADS, quickstart
+
+    seen = {}
+    ft_fake, ro_fake = F.finetune, R.rollout_checkpoint
+
+    def finetune(cfg):
+        seen["ft"] = cfg
+        return ft_fake(cfg)
+
+    def rollout_checkpoint(run, episodes, num_envs, seed, video, out_dir, **kw):
+        seen.setdefault("rollouts", []).append((episodes, num_envs, seed, kw.get("env_options")))
+        return ro_fake(run, episodes, num_envs, seed, video, out_dir, **kw)
+
+    monkeypatch.setattr(F, "finetune", finetune)
+    monkeypatch.setattr(R, "rollout_checkpoint", rollout_checkpoint)
+    quickstart(out=str(tmp_path / "qs"), demos=3, steps=2, episodes=6, videos=0, finetune=2)
+    ft = seen["ft"]
+    assert [r[:3] for r in seen["rollouts"]] == [(6, QUICKSTART_ENVS, 100000)] * 2
+    assert all("max_episode_steps" not in (r[3] or {}) for r in seen["rollouts"])
+    assert (ft.eval_episodes, ft.envs, ft.eval_seed, ft.max_episode_steps) == (6, QUICKSTART_ENVS, 100000, None)
+    assert ft.terminate_on_success and ft.num_threads == QUICKSTART_THREADS == 1

@@ -75,6 +75,9 @@ class DiffusionModel(nn.Module):
         min_sampling_denoising_std: std floor of every stochastic sampling step (DPPO: 0.1; 0.04 furniture).
         min_logprob_denoising_std: std floor inside log-probs (DPPO: 0.1).
         randn_clip_value: per-step standard-normal noise clipped to this magnitude (DPPO fine-tuning: 3).
+        eval_randn_clip_value: the clip of deterministic sampling (its std-1e-3 DDPM noise); None = randn_clip_value.
+            RL fine-tuning sets it to the start checkpoint's clip, so that its evaluation samples exactly as
+            ``dpft rollout`` of the start checkpoint does.
         denoised_clip_value: ``x0_hat`` clipped to this magnitude (1.0; ``None`` disables).
         ddim_eta: DDIM eta of stochastic sampling and log-probs (1.0 = DDPM-like noise).
     """
@@ -92,6 +95,7 @@ class DiffusionModel(nn.Module):
         min_sampling_denoising_std: float = 0.1,
         min_logprob_denoising_std: float = 0.1,
         randn_clip_value: float = 10.0,
+        eval_randn_clip_value: Optional[float] = None,
         denoised_clip_value: Optional[float] = 1.0,
         ddim_eta: float = 1.0,
     ):
@@ -138,6 +142,9 @@ class DiffusionModel(nn.Module):
         self.min_sampling_denoising_std = float(min_sampling_denoising_std)
         self.min_logprob_denoising_std = float(min_logprob_denoising_std)
         self.randn_clip_value = float(randn_clip_value)
+        if eval_randn_clip_value is not None and float(eval_randn_clip_value) <= 0:
+            raise DpftError("eval_randn_clip_value must be > 0 or None, got {}.".format(eval_randn_clip_value))
+        self.eval_randn_clip_value = None if eval_randn_clip_value is None else float(eval_randn_clip_value)
         self.denoised_clip_value = None if denoised_clip_value is None else float(denoised_clip_value)
         self.ddim_eta = float(ddim_eta)
         self.final_action_clip_value = 1.0
@@ -533,7 +540,9 @@ class DiffusionModel(nn.Module):
         timesteps = self.schedule.timesteps.unsqueeze(1).expand(n, b).unbind(0)
         keep_from = n - self.chain_steps  # first stored latent index (latent i is the input of step i)
         clip = self.denoised_clip_value
-        rclip = self.randn_clip_value
+        rclip = self.randn_clip_value  # deterministic: the evaluation clip (RL fine-tuning keeps the checkpoint's)
+        if deterministic and self.eval_randn_clip_value is not None:
+            rclip = self.eval_randn_clip_value
         ddim = self.use_ddim
         chain = []  # type: List[torch.Tensor]
         diffs = []  # type: List[torch.Tensor]

@@ -50,16 +50,16 @@ DEFAULTS: Dict[str, Any] = {f.name: _field_default(f) for f in dataclasses.field
 _ENCODER_KEYS = ("cond_mlp_dims", "image_feature_dim", "random_shift_pad")
 _DIFFUSION_KEYS = ("denoising_steps", "use_ddim", "ddim_steps", "ddim_eta", "ft_denoising_steps",
                    "min_sampling_denoising_std", "min_logprob_denoising_std", "denoised_clip_value",
-                   "randn_clip_value")
+                   "randn_clip_value", "eval_randn_clip_value")
 _KEYS_BY_NAME: Dict[str, Sequence[str]] = {
     "diffusion_mlp": _ENCODER_KEYS + _DIFFUSION_KEYS + ("mlp_dims", "activation", "layer_norm", "residual_style",
-                                                        "time_dim"),
+                                                        "time_dim", "mlp_arch"),
     "diffusion_unet": _ENCODER_KEYS + _DIFFUSION_KEYS + ("diffusion_step_embed_dim", "down_dims", "kernel_size",
                                                          "n_groups", "cond_predict_scale"),
     "gaussian_mlp": _ENCODER_KEYS + ("mlp_dims", "activation", "std_min", "std_max", "init_std", "tanh_mean",
                                      "randn_clip_value"),
 }
-_NULLABLE = frozenset(["ddim_steps", "cond_mlp_dims", "denoised_clip_value"])
+_NULLABLE = frozenset(["ddim_steps", "cond_mlp_dims", "denoised_clip_value", "eval_randn_clip_value"])
 ACCEPTED_KEYS = frozenset(DEFAULTS)
 
 
@@ -160,6 +160,7 @@ def build_policy_model(
             residual_style=bool(spec["residual_style"]),
             layer_norm=bool(spec["layer_norm"]),
             activation=str(spec["activation"]),
+            arch=str(spec["mlp_arch"]),
         )
     else:
         network = ConditionalUnet1D(
@@ -187,6 +188,7 @@ def build_policy_model(
         min_sampling_denoising_std=float(spec["min_sampling_denoising_std"]),
         min_logprob_denoising_std=float(spec["min_logprob_denoising_std"]),
         randn_clip_value=float(spec["randn_clip_value"]),
+        eval_randn_clip_value=None if spec["eval_randn_clip_value"] is None else float(spec["eval_randn_clip_value"]),
         denoised_clip_value=None if clip is None else float(clip),
         ddim_eta=float(spec["ddim_eta"]),
     )

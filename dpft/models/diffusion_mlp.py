@@ -3,6 +3,11 @@
 ``input = [x.flatten() (Ta*Da), time_mlp(SinusoidalPosEmb(t)) (time_dim), cond (cond_dim)]`` goes through a
 :class:`~dpft.models.mlp.ResidualMLP` (``residual_style=True``) or a plain :class:`~dpft.models.mlp.MLP`
 and is reshaped to ``(B, Ta, Da)``.
+
+``arch="dppo"`` is DPPO's ``model/diffusion/mlp_diffusion.py`` ``DiffusionMLP`` exactly (so its checkpoints load with
+:mod:`dpft.dppo_import`): no activation between the last residual block and the output layer, Mish in the time MLP
+whatever ``activation`` is, LayerNorm epsilon 1e-6 in the residual blocks. ``arch="dpft"`` (the default, dpft's
+layout since its first release) has the activation before the output layer and ``activation`` in the time MLP.
 """
 from __future__ import annotations
 
@@ -14,6 +19,10 @@ from torch import nn
 from dpft.errors import DpftError
 from dpft.models.embeddings import SinusoidalPosEmb
 from dpft.models.mlp import MLP, ResidualMLP, make_activation
+
+
+#: layouts of :class:`DiffusionMLP` (``policy.mlp_arch``)
+MLP_ARCHS = ("dpft", "dppo")
 
 
 class DiffusionMLP(nn.Module):
@@ -29,6 +38,7 @@ class DiffusionMLP(nn.Module):
         residual_style: ResidualMLP (True) or plain MLP (False).
         layer_norm: LayerNorm in hidden layers.
         activation: hidden activation name.
+        arch: ``"dpft"`` or ``"dppo"`` (DPPO's network exactly; see the module docstring).
     """
 
     def __init__(
@@ -41,8 +51,13 @@ class DiffusionMLP(nn.Module):
         residual_style: bool = True,
         layer_norm: bool = False,
         activation: str = "mish",
+        arch: str = "dpft",
     ):
         super().__init__()
+        if arch not in MLP_ARCHS:
+            raise DpftError("DiffusionMLP arch={!r}: expected one of {}.".format(arch, ", ".join(MLP_ARCHS)))
+        self.arch = arch
+        dppo = arch == "dppo"
         mlp_dims = [int(d) for d in mlp_dims]
         if int(action_dim) < 1 or int(horizon_steps) < 1 or int(cond_dim) < 0:
             raise DpftError(
@@ -59,7 +74,7 @@ class DiffusionMLP(nn.Module):
         self.time_mlp = nn.Sequential(
             SinusoidalPosEmb(time_dim),
             nn.Linear(time_dim, 2 * time_dim),
-            make_activation(activation),
+            make_activation("mish" if dppo else activation),
             nn.Linear(2 * time_dim, time_dim),
         )
         in_dim = self.horizon_steps * self.action_dim + time_dim + self.cond_dim
@@ -73,7 +88,8 @@ class DiffusionMLP(nn.Module):
                         "[" + ",".join(str(d) for d in mlp_dims) + "]")
                 )
             self.mlp = ResidualMLP(
-                in_dim, mlp_dims[0], (len(mlp_dims) - 1) // 2, out_dim, activation=activation, layer_norm=layer_norm
+                in_dim, mlp_dims[0], (len(mlp_dims) - 1) // 2, out_dim, activation=activation, layer_norm=layer_norm,
+                out_activation=not dppo, ln_eps=1e-6 if dppo else 1e-5,
             )
         else:
             self.mlp = MLP([in_dim] + mlp_dims + [out_dim], activation=activation, layer_norm=layer_norm)

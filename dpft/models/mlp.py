@@ -91,12 +91,12 @@ class ResidualBlock(nn.Module):
     Shapes: ``(..., dim) -> (..., dim)``.
     """
 
-    def __init__(self, dim: int, activation: str = "mish", layer_norm: bool = False):
+    def __init__(self, dim: int, activation: str = "mish", layer_norm: bool = False, ln_eps: float = 1e-5):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim) if layer_norm else nn.Identity()
+        self.norm1 = nn.LayerNorm(dim, eps=ln_eps) if layer_norm else nn.Identity()
         self.act1 = make_activation(activation)
         self.linear1 = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim) if layer_norm else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=ln_eps) if layer_norm else nn.Identity()
         self.act2 = make_activation(activation)
         self.linear2 = nn.Linear(dim, dim)
 
@@ -110,7 +110,8 @@ class ResidualMLP(nn.Module):
     """``Linear(in, hidden) -> num_blocks x ResidualBlock(hidden) -> act -> Linear(hidden, out)``.
 
     With ``num_blocks = 1`` this has as many Linear layers (4) as ``MLP([in, h, h, h, out])``, which is how DPPO
-    maps ``mlp_dims=[h, h, h]`` to a residual network.
+    maps ``mlp_dims=[h, h, h]`` to a residual network. ``out_activation=False`` drops the ``act`` before the output
+    layer and ``ln_eps=1e-6`` is the blocks' LayerNorm epsilon: DPPO's ``ResidualMLP`` exactly.
 
     Shapes: ``(..., in_dim) -> (..., out_dim)``.
     """
@@ -123,6 +124,8 @@ class ResidualMLP(nn.Module):
         out_dim: int,
         activation: str = "mish",
         layer_norm: bool = False,
+        out_activation: bool = True,
+        ln_eps: float = 1e-5,
     ):
         super().__init__()
         _check_dims([in_dim, hidden_dim, out_dim], "ResidualMLP widths")
@@ -130,9 +133,9 @@ class ResidualMLP(nn.Module):
             raise DpftError("ResidualMLP num_blocks must be >= 0, got {}.".format(num_blocks))
         self.input_layer = nn.Linear(int(in_dim), int(hidden_dim))
         self.blocks = nn.Sequential(
-            *[ResidualBlock(int(hidden_dim), activation, layer_norm) for _ in range(int(num_blocks))]
+            *[ResidualBlock(int(hidden_dim), activation, layer_norm, ln_eps) for _ in range(int(num_blocks))]
         )
-        self.out_act = make_activation(activation)
+        self.out_act = make_activation(activation if out_activation else "identity")
         self.output_layer = nn.Linear(int(hidden_dim), int(out_dim))
         self.in_dim = int(in_dim)
         self.out_dim = int(out_dim)

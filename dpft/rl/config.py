@@ -137,6 +137,8 @@ class InrilConfig:
     m_init: int = _f(10, "adaptive m: m until both gradient estimators have 2 gradients", range=">=1")
     adaptive_c: float = _f(0.5, "adaptive m: c = alpha_RL * L_RL of the progress model, in [0, 2)",
                            range="[0,2)", meaning="alpha_RL * L_RL of the progress model")
+    adaptive_rule: str = _f("paper", "adaptive m: paper (IN-RIL Appendix D: m (1-c/2)|g_RL|^2 = q rho |g_IL||g_RL| "
+                            "+ (c/2) q^2 v_IL) | noise (dpft's earlier rule with the RL noise term; docs/inril.md 5.2)")
     ema_beta: float = _f(0.9, "EMA factor of the reference RL direction and the IL/RL gradient statistics",
                          range="[0,1)")
     dataset: Optional[str] = _f(None, "IL demos (robomimic HDF5; None = the checkpoint's pretraining dataset)")

@@ -292,18 +292,32 @@ def _check_adaptive_params(lr_ratio: float, c: float, m_min: int, m_max: int) ->
             m_min, m_max))
 
 
+#: rules of adaptive m(t): ``paper`` (IN-RIL Appendix D, the default) and ``noise`` (dpft's earlier rule with the RL
+#: noise term and the full IL second-order term; docs/inril.md section 5.2)
+ADAPTIVE_RULES = ("paper", "noise")
+
+
 def adaptive_m(g_il_norm: float, g_rl_norm: float, rho: float, var_il: float = 0.0, var_rl: float = 0.0, *,
-               lr_ratio: float = 1.0, c: float = 0.5, m_min: int = 1, m_max: int = 100) -> Tuple[int, float]:
+               lr_ratio: float = 1.0, c: float = 0.5, m_min: int = 1, m_max: int = 100,
+               rule: str = "paper") -> Tuple[int, float]:
     """IN-RIL's interleaving ratio m(t): RL steps needed to win back one IL step's effect on the RL loss.
 
     With ``a = |grad L_IL|``, ``b = |grad L_RL|``, ``rho = -cos(grad L_IL, grad L_RL)``, minibatch noise
     ``v_IL, v_RL`` (``sigma^2 / N`` in the paper), ``q = lr_ratio = alpha_IL / alpha_RL`` and
-    ``c = alpha_RL L_RL`` (docs/inril.md derives this from the paper's Appendix C/D bounds)::
+    ``c = alpha_RL L_RL`` (docs/inril.md derives this from the paper's Appendix C/D bounds), ``m D = B`` with
 
-        B = q rho a b + (c/2) q^2 (a^2 + v_IL)       expected rise of L_RL from one IL step   (/ alpha_RL)
-        D = (1 - c/2) b^2 - (c/2) v_RL               expected fall of L_RL from one RL step   (/ alpha_RL)
-        raw = B / D                                  break-even m (paper: "equate the progress from RL
-                                                     updates with the negative impact of the IL update")
+    ``rule="paper"`` (IN-RIL Appendix D's balance ``m A = B``, the default)::
+
+        B = q rho a b + (c/2) q^2 v_IL               expected rise of L_RL from one IL step   (/ alpha_RL)
+        D = A = (1 - c/2) b^2                        expected fall of L_RL from one RL step   (/ alpha_RL)
+
+    ``rule="noise"`` (dpft's earlier rule: the IL step's full second-order term and the RL noise)::
+
+        B = q rho a b + (c/2) q^2 (a^2 + v_IL)
+        D = (1 - c/2) b^2 - (c/2) v_RL               (noisy PPO minibatches make D <= 0, hence m = m_max)
+
+    ``raw = B / D`` is the break-even m (paper: "equate the progress from RL updates with the negative impact
+    of the IL update").
 
     ``m = clip(ceil(raw), m_min, m_max)``. Cases: ``B <= 0`` (the IL step does not hurt the RL loss, e.g.
     aligned gradients) gives ``m_min``; ``B > 0`` with ``D <= 0`` (RL steps make no expected progress at
@@ -317,9 +331,15 @@ def adaptive_m(g_il_norm: float, g_rl_norm: float, rho: float, var_il: float = 0
             a, b, var_il, var_rl))
     if not (-1.0 <= rho <= 1.0):
         raise DpftError("adaptive m: rho={!r}; expected -cos(g_IL, g_RL) in [-1, 1].".format(rho))
+    if rule not in ADAPTIVE_RULES:
+        raise DpftError("adaptive m: rule={!r}; expected one of {}.".format(rule, ", ".join(ADAPTIVE_RULES)))
     q = lr_ratio
-    bump = q * rho * a * b + 0.5 * c * q * q * (a * a + var_il)
-    gain = (1.0 - 0.5 * c) * b * b - 0.5 * c * var_rl
+    if rule == "paper":
+        bump = q * rho * a * b + 0.5 * c * q * q * var_il
+        gain = (1.0 - 0.5 * c) * b * b
+    else:
+        bump = q * rho * a * b + 0.5 * c * q * q * (a * a + var_il)
+        gain = (1.0 - 0.5 * c) * b * b - 0.5 * c * var_rl
     if gain > 0:
         raw = bump / gain
     else:
@@ -345,8 +365,11 @@ class AdaptiveInterleave:
     """
 
     def __init__(self, m_init: int = 10, m_min: int = 1, m_max: int = 100, lr_ratio: float = 1.0,
-                 c: float = 0.5) -> None:
+                 c: float = 0.5, rule: str = "paper") -> None:
         _check_adaptive_params(lr_ratio, c, m_min, m_max)
+        if rule not in ADAPTIVE_RULES:
+            raise DpftError("adaptive m: rule={!r}; expected one of {}.".format(rule, ", ".join(ADAPTIVE_RULES)))
+        self.rule = rule
         if int(m_init) != m_init or not (m_min <= m_init <= m_max):
             raise DpftError("adaptive m: m_init={!r}; expected an integer in [m_min, m_max] = [{}, {}].".format(
                 m_init, m_min, m_max))
@@ -369,7 +392,7 @@ class AdaptiveInterleave:
         a, b = math.sqrt(a_sq), math.sqrt(b_sq)
         rho = min(max(-dot / (a * b), -1.0), 1.0) if a > 0 and b > 0 else 0.0
         self.m, raw = adaptive_m(a, b, rho, var_il, var_rl, lr_ratio=self.lr_ratio, c=self.c,
-                                 m_min=self.m_min, m_max=self.m_max)
+                                 m_min=self.m_min, m_max=self.m_max, rule=self.rule)
         self.updates += 1
         self.stats = {"m": float(self.m), "m_raw": raw, "rho": rho, "g_il_norm": a, "g_rl_norm": b,
                       "var_il": var_il, "var_rl": var_rl}
