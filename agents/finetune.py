@@ -332,6 +332,14 @@ class Finetuner:
                                            int(meta["cond_steps"]), device=self.device,
                                            max_episode_steps=c.max_episode_steps or None,
                                            terminate_on_success=bool(c.terminate_on_success), return_torch=True)
+        if kind == "robosuite":  # record the physics backend in the run's meta, so rollouts use what training used
+            from dpft.envs.mujoco_backend import split_backend
+
+            backend = c.backend or split_backend(env_args)[0]
+            env_args = dict(env_args, env_kwargs=dict(env_args.get("env_kwargs") or {}, backend=backend))
+            meta["env_args"] = env_args
+        elif c.backend is not None:
+            raise DpftError("backend=%s applies to robosuite tasks only; this checkpoint's env is %s." % (c.backend, kind))
         options = {"terminate_on_success": bool(c.terminate_on_success)}
         if c.max_episode_steps:
             options["max_episode_steps"] = int(c.max_episode_steps)
