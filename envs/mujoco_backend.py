@@ -297,6 +297,11 @@ class MujocoSim:
         cq, cv = sp.ctrl_qvel, sp.arm_qvel
         goal_pos = goal_ori = None
         eef, base = sp.eef_site, sp.base_site
+        # MuJoCo replaces a non-finite state by the model's reference state (and counts a warning): a diverged
+        # step is detected from those counters, not from NaNs
+        bad = [int(mujoco.mjtWarning.mjWARN_BADQPOS), int(mujoco.mjtWarning.mjWARN_BADQVEL),
+               int(mujoco.mjtWarning.mjWARN_BADQACC)]
+        warn0 = [sum(d.warning[w].number for w in bad) for d in datas]
         for sub in range(self.nsub):
             for j, d in enumerate(datas):
                 if self.lite:
@@ -339,7 +344,8 @@ class MujocoSim:
         finite = np.ones(k, dtype=bool)
         for j, d in enumerate(datas):
             mujoco.mj_forward(m, d)
-            finite[j] = np.isfinite(d.qpos).all() and np.isfinite(d.qvel).all()
+            finite[j] = (np.isfinite(d.qpos).all() and np.isfinite(d.qvel).all()
+                         and sum(d.warning[w].number for w in bad) == warn0[j])
         out = self.observe(idx)
         out["finite"] = finite
         return out
@@ -415,6 +421,18 @@ def shared_sim(env_args: Dict[str, Any]) -> MujocoSim:
     return sim
 
 
+class _DataView:
+    """MjData with robosuite's aliases (``body_xpos``, ``body_xmat``, ``body_xquat``)."""
+
+    _ALIASES = {"body_xpos": "xpos", "body_xmat": "xmat", "body_xquat": "xquat"}
+
+    def __init__(self, data: Any):
+        self._data = data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._data, self._ALIASES.get(name, name))
+
+
 class _RawView:
     """What scripted experts read (``env.sim.data``, ``env.robots``, task attributes): the robosuite env's attributes
     with ``sim.data`` replaced by this env's MjData."""
@@ -423,7 +441,7 @@ class _RawView:
         import types
 
         self._rs = rs
-        self.sim = types.SimpleNamespace(data=data, model=rs.sim.model)
+        self.sim = types.SimpleNamespace(data=_DataView(data), model=rs.sim.model)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._rs, name)

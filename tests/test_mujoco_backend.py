@@ -112,8 +112,8 @@ def test_backend_selection_and_errors():
     with pytest.raises(DpftError, match="camera observations.*agentview_image"):
         MujocoEnv(fast_args("lift"), obs_keys=["agentview_image"])
     args = fast_args("lift")
-    args["env_kwargs"]["controller_configs"]["body_parts"]["right"]["type"] = "JOINT_VELOCITY"
-    with pytest.raises(DpftError, match="arm controller JOINT_VELOCITY.*robosuite instead"):
+    args["env_kwargs"]["controller_configs"]["body_parts"]["right"]["type"] = "OSC_POSITION"
+    with pytest.raises(DpftError, match="arm controller OSC_POSITION.*robosuite instead"):
         MujocoEnv(args)
 
 
