@@ -65,6 +65,33 @@ def split_backend(env_args: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
     return str(backend), rest
 
 
+def resolve_backend(env_args: Dict[str, Any], obs_keys: Optional[Sequence[str]] = None) -> Tuple[str, Dict[str, Any]]:
+    """The backend that :func:`dpft.envs.registry.make_env` builds for ``env_args`` and ``obs_keys``, and the env_args
+    without the ``backend`` key. An explicit ``env_kwargs.backend`` is used as given (``mujoco`` with something it
+    does not implement is an error); without one, the default backend is used where it implements the env
+    (task, robot, low-dim observations, sparse reward) and robosuite otherwise, with a log note saying why."""
+    explicit = isinstance(env_args.get("env_kwargs"), dict) and "backend" in env_args["env_kwargs"]
+    backend, rest = split_backend(env_args)
+    if explicit or backend != "mujoco":
+        return backend, rest
+    kw = rest.get("env_kwargs") or {}
+    why = None
+    images = [k for k in (obs_keys or []) if str(k).endswith("_image")]
+    if images:
+        why = "camera observations ({})".format(", ".join(images))
+    elif kw.get("reward_shaping"):
+        why = "reward_shaping=True"
+    else:
+        robots = kw.get("robots")
+        robots = [robots] if isinstance(robots, str) else list(robots or [])
+        if robots != ["Panda"]:
+            why = "robots={}".format(robots)
+    if why is not None:
+        logger.info("robosuite backend for %s: the mujoco backend does not implement %s.", rest.get("env_name"), why)
+        return "robosuite", rest
+    return backend, rest
+
+
 def _unsupported(what: str) -> DpftError:
     return DpftError("The mujoco backend does not implement {}. It supports robosuite {} with one Panda robot, the "
                      "BASIC composite controller (OSC_POSE arm, delta input, fixed impedance, no interpolator; Panda "
@@ -290,7 +317,7 @@ class MujocoSim:
         sxmat = np.empty((k, m.nsite, 9))
         jac = np.empty((k, 6, nv))
         full_m = np.empty((k, nv, nv))
-        ctrl = np.empty((k, m.nu))
+        ctrl = np.zeros((k, m.nu))
         q0 = self.q0[idx]
         grip, grip_ctrl = osc.gripper_command(self.grip[idx], a[:, 6], p)
         self.grip[idx] = grip
@@ -302,12 +329,14 @@ class MujocoSim:
         bad = [int(mujoco.mjtWarning.mjWARN_BADQPOS), int(mujoco.mjtWarning.mjWARN_BADQVEL),
                int(mujoco.mjtWarning.mjWARN_BADQACC)]
         warn0 = [sum(d.warning[w].number for w in bad) for d in datas]
+        # lite_physics (robosuite 1.5's default): step1 -> controller -> step2; otherwise robosuite calls forward,
+        # the controller, then a full mj_step (same torques: both compute the controller's inputs the same way)
+        first, second = (mujoco.mj_step1, mujoco.mj_step2) if self.lite else (mujoco.mj_forward, mujoco.mj_step)
+        ctrl[:, sp.grip_act] = grip_ctrl
+        arm_act = sp.arm_act
         for sub in range(self.nsub):
             for j, d in enumerate(datas):
-                if self.lite:
-                    mujoco.mj_step1(m, d)
-                else:
-                    mujoco.mj_forward(m, d)
+                first(m, d)
                 qpos[j] = d.qpos
                 qvel[j] = d.qvel
                 bias[j] = d.qfrc_bias
@@ -334,13 +363,10 @@ class MujocoSim:
             mass = full_m[:, cq][:, :, cq]
             tau = osc.osc_torques(goal_pos, goal_ori, eef_pos, eef_mat, eef_vel, base_pos, base_mat, base_vel,
                                   arm_jac, mass, bias[:, cq], qpos[:, sp.arm_qpos], qvel[:, cv], q0, p)
+            ctrl[:, arm_act] = tau
             for j, d in enumerate(datas):
-                d.ctrl[sp.arm_act] = tau[j]
-                d.ctrl[sp.grip_act] = grip_ctrl[j]
-                if self.lite:
-                    mujoco.mj_step2(m, d)
-                else:
-                    mujoco.mj_step(m, d)
+                d.ctrl[:] = ctrl[j]
+                second(m, d)
         finite = np.ones(k, dtype=bool)
         for j, d in enumerate(datas):
             mujoco.mj_forward(m, d)

@@ -108,9 +108,9 @@ def make_env(env_args: Dict[str, Any], obs_keys: Optional[List[str]] = None, **k
     if env_type in ENV_TYPES and env_args["type"] != env_type:
         env_args = dict(env_args, type=env_type)  # "1" -> 1
     if env_type == 1:
-        from dpft.envs.mujoco_backend import split_backend
+        from dpft.envs.mujoco_backend import resolve_backend
 
-        backend, rs_args = split_backend(env_args)
+        backend, rs_args = resolve_backend(env_args, obs_keys)
         if backend == "mujoco":
             from dpft.envs.mujoco_backend import MujocoEnv
 
