@@ -250,6 +250,8 @@ class MujocoSim:
         base_body = int(m.site_bodyid[self.spec.base_site])
         self._base_fixed = int(m.body_weldid[base_body]) == 0  # welded to the world: zero velocity
         self.object_dim = 10 if self.spec.name == "Lift" else 14
+        #: numba-compiled torque law (CPU fast path) where numba is installed and the robot base is fixed
+        self.fast = self._base_fixed and osc.numba_available()
         self.quat_ops = osc.robosuite_quat_ops()  # robosuite's float32 quaternion helpers, row by row (exact)
 
     # -- envs ----------------------------------------------------------------------------------------------------
@@ -351,6 +353,14 @@ class MujocoSim:
             if sub == 0:
                 goal_pos, goal_ori = osc.osc_goal(a[:, 0:6], eef_pos, eef_mat, base_pos, base_mat, p,
                                                 ops=self.quat_ops)
+            if self.fast:
+                tau = osc.osc_torques_fast(goal_pos, goal_ori, eef_pos, eef_mat, base_pos, base_mat, jac, qvel,
+                                           full_m, bias, qpos, q0, cq, sp.arm_qpos, p)
+                ctrl[:, arm_act] = tau
+                for j, d in enumerate(datas):
+                    d.ctrl[:] = ctrl[j]
+                    second(m, d)
+                continue
             eef_vel = np.matmul(jac, qvel[:, :, None])[:, :, 0]
             if self._base_fixed:
                 base_vel = np.zeros((k, 6))

@@ -357,3 +357,101 @@ def osc_torques(goal_pos: Any, goal_ori: Any, eef_pos: Any, eef_mat: Any, eef_ve
 
 def params_to(p: OSCParams, xp: Any) -> Dict[str, Any]:  # pragma: no cover - convenience for the GPU path
     return {k: (xp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.__dict__.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CPU fast path: the same torque law compiled with numba (robosuite's own dependency), one call for all rows
+# ------------------------------------------------------------------------------------------------------------------
+
+_NUMBA_KERNEL = None
+
+
+def _build_numba_kernel() -> Any:
+    import numba
+
+    @numba.njit(cache=True)
+    def kernel(want_pos, want_ori, eef_pos, eef_mat, jac_full, qvel, mass_full, bias, qpos, q0, cq, qp,
+               kp, kd, uncouple, null_kp, low, high, out):  # pragma: no cover - compiled
+        k = eef_pos.shape[0]
+        n = cq.shape[0]
+        kv = np.sqrt(null_kp) * 2.0
+        for b in range(k):
+            jac = np.empty((6, n))
+            mass = np.empty((n, n))
+            qd = np.empty(n)
+            for r in range(6):
+                for c in range(n):
+                    jac[r, c] = jac_full[b, r, cq[c]]
+            for r in range(n):
+                qd[r] = qvel[b, cq[r]]
+                for c in range(n):
+                    mass[r, c] = mass_full[b, cq[r], cq[c]]
+            vel = jac @ qd
+            cur = eef_mat[b]
+            des = want_ori[b]
+            err = np.zeros(3)
+            for i in range(3):
+                err[0] += cur[1, i] * des[2, i] - cur[2, i] * des[1, i]
+                err[1] += cur[2, i] * des[0, i] - cur[0, i] * des[2, i]
+                err[2] += cur[0, i] * des[1, i] - cur[1, i] * des[0, i]
+            force = np.empty(3)
+            torque = np.empty(3)
+            for i in range(3):
+                force[i] = (want_pos[b, i] - eef_pos[b, i]) * kp[i] + (-vel[i]) * kd[i]
+                torque[i] = 0.5 * err[i] * kp[3 + i] + (-vel[3 + i]) * kd[3 + i]
+            m_inv = np.linalg.inv(mass)
+            jac_t = jac.T.copy()
+            lam_inv = (jac @ m_inv) @ jac_t
+            lam_full = np.linalg.inv(lam_inv)
+            wrench = np.empty(6)
+            if uncouple:
+                wrench[0:3] = np.linalg.inv(lam_inv[0:3, 0:3].copy()) @ force
+                wrench[3:6] = np.linalg.inv(lam_inv[3:6, 3:6].copy()) @ torque
+            else:
+                full = np.empty(6)
+                full[0:3] = force
+                full[3:6] = torque
+                wrench[:] = lam_full @ full
+            tau = jac_t @ wrench
+            for i in range(n):
+                tau[i] = tau[i] + bias[b, cq[i]]
+            jbar = (m_inv @ jac_t) @ lam_full
+            null = np.eye(n) - jbar @ jac
+            target = np.empty(n)
+            for i in range(n):
+                target[i] = null_kp * (q0[b, i] - qpos[b, qp[i]]) - kv * qd[i]
+            tau = tau + null.T @ (mass @ target)
+            for i in range(n):
+                out[b, i] = min(max(tau[i], low[i]), high[i])
+
+    return kernel
+
+
+def numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def osc_torques_fast(goal_pos: np.ndarray, goal_ori: np.ndarray, eef_pos: np.ndarray, eef_mat: np.ndarray,
+                     base_pos: np.ndarray, base_mat: np.ndarray, jac_full: np.ndarray, qvel: np.ndarray,
+                     mass_full: np.ndarray, bias: np.ndarray, qpos: np.ndarray, q0: np.ndarray, cq: np.ndarray,
+                     qp: np.ndarray, p: OSCParams) -> np.ndarray:
+    """:func:`osc_torques` for a robot whose base does not move (zero base velocity), compiled with numba: full-model
+    arrays in (``jac_full (B, 6, nv)``, ``qvel (B, nv)``, ``mass_full (B, nv, nv)``, ``bias (B, nv)``, ``qpos (B, nq)``)
+    with the arm's dof indexes ``cq`` and qpos indexes ``qp``. Equal to :func:`osc_torques` to rounding (tested)."""
+    global _NUMBA_KERNEL
+    if _NUMBA_KERNEL is None:
+        _NUMBA_KERNEL = _build_numba_kernel()
+    if p.base_frame:
+        want_pos = base_pos + np.matmul(base_mat, goal_pos[:, :, None])[:, :, 0]
+        want_ori = np.matmul(base_mat, goal_ori)
+    else:
+        want_pos, want_ori = goal_pos, goal_ori
+    out = np.empty((eef_pos.shape[0], len(cq)))
+    _NUMBA_KERNEL(np.ascontiguousarray(want_pos), np.ascontiguousarray(want_ori), np.ascontiguousarray(eef_pos),
+                  np.ascontiguousarray(eef_mat), jac_full, qvel, mass_full, bias, qpos, np.ascontiguousarray(q0),
+                  cq, qp, p.kp, p.kd, bool(p.uncouple), float(p.nullspace_kp), p.torque_low, p.torque_high, out)
+    return out
