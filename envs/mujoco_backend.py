@@ -242,6 +242,7 @@ class MujocoSim:
         self.nsub = int(rs.control_timestep / rs.model_timestep)
         self.lite = bool(rs.lite_physics)
         self.datas = []  # type: List[Any]
+        self._views = []  # type: List[Tuple[Any, ...]]
         self.q0 = np.zeros((0, len(self.spec.arm_qpos)))
         self.grip = np.zeros((0, 2))
         self._state_spec = mujoco.mjtState.mjSTATE_INTEGRATION
@@ -258,7 +259,10 @@ class MujocoSim:
     def add_env(self) -> int:
         import mujoco
 
-        self.datas.append(mujoco.MjData(self.model))
+        d = mujoco.MjData(self.model)
+        self.datas.append(d)
+        # numpy views into the MjData's buffers (fixed for its lifetime): reading them costs no attribute lookups
+        self._views.append((d, d.qpos, d.qvel, d.qfrc_bias, d.site_xpos, d.site_xmat, d.qM, d.ctrl))
         self.q0 = np.concatenate([self.q0, np.zeros((1, self.q0.shape[1]))])
         self.grip = np.concatenate([self.grip, np.zeros((1, 2))])
         return len(self.datas) - 1
@@ -336,16 +340,20 @@ class MujocoSim:
         first, second = (mujoco.mj_step1, mujoco.mj_step2) if self.lite else (mujoco.mj_forward, mujoco.mj_step)
         ctrl[:, sp.grip_act] = grip_ctrl
         arm_act = sp.arm_act
+        views = [self._views[i] for i in idx]
+        jac_site, full_mass = mujoco.mj_jacSite, mujoco.mj_fullM
+        jacp = [jac[j, 0:3] for j in range(k)]
+        jacr = [jac[j, 3:6] for j in range(k)]
         for sub in range(self.nsub):
-            for j, d in enumerate(datas):
+            for j, (d, vq, vv, vb, vsp, vsm, vm, _) in enumerate(views):
                 first(m, d)
-                qpos[j] = d.qpos
-                qvel[j] = d.qvel
-                bias[j] = d.qfrc_bias
-                sxpos[j] = d.site_xpos
-                sxmat[j] = d.site_xmat
-                mujoco.mj_jacSite(m, d, jac[j, 0:3], jac[j, 3:6], eef)
-                mujoco.mj_fullM(m, full_m[j], d.qM)
+                qpos[j] = vq
+                qvel[j] = vv
+                bias[j] = vb
+                sxpos[j] = vsp
+                sxmat[j] = vsm
+                jac_site(m, d, jacp[j], jacr[j], eef)
+                full_mass(m, full_m[j], vm)
             eef_pos = sxpos[:, eef]
             eef_mat = sxmat[:, eef].reshape(k, 3, 3)
             base_pos = sxpos[:, base]
@@ -357,9 +365,9 @@ class MujocoSim:
                 tau = osc.osc_torques_fast(goal_pos, goal_ori, eef_pos, eef_mat, base_pos, base_mat, jac, qvel,
                                            full_m, bias, qpos, q0, cq, sp.arm_qpos, p)
                 ctrl[:, arm_act] = tau
-                for j, d in enumerate(datas):
-                    d.ctrl[:] = ctrl[j]
-                    second(m, d)
+                for j, view in enumerate(views):
+                    view[7][:] = ctrl[j]
+                    second(m, view[0])
                 continue
             eef_vel = np.matmul(jac, qvel[:, :, None])[:, :, 0]
             if self._base_fixed:
