@@ -361,7 +361,12 @@ def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0,
 
     # the episodes run without camera observables (robosuite would render every step, before the kinematics are
     # refreshed); images are rendered from the refreshed state by observe()
-    env = RobosuiteEnv(default_env_args(task), max_episode_steps=max_steps)
+    if image_obs:  # images through robosuite's renderer, as robomimic's image datasets
+        env = RobosuiteEnv(default_env_args(task), max_episode_steps=max_steps)
+    else:  # the default physics backend of the task (dpft.envs.mujoco_backend: the fast one where it holds)
+        from dpft.envs.registry import make_env
+
+        env = make_env(default_env_args(task), max_episode_steps=max_steps)
     if image_obs:
         known = env.camera_names()
         missing = [c for c in camera_names if c not in known]

@@ -41,7 +41,7 @@ BACKENDS = ("mujoco", "robosuite")
 SUPPORTED_TASKS = ("Lift", "PickPlaceCan", "NutAssemblySquare")
 
 #: backend used when env_kwargs has no "backend" (see README "Simulation backends")
-DEFAULT_BACKEND = "robosuite"
+DEFAULT_BACKEND = "mujoco"
 
 _HOW_TO = ("Use robosuite instead with env_kwargs.backend=robosuite (for example `dpft finetune ... "
            "env_kwargs.backend=robosuite`, or env_args['env_kwargs']['backend'] = 'robosuite').")
@@ -481,11 +481,14 @@ class _RawView:
     """What scripted experts read (``env.sim.data``, ``env.robots``, task attributes): the robosuite env's attributes
     with ``sim.data`` replaced by this env's MjData."""
 
-    def __init__(self, rs: Any, data: Any):
+    def __init__(self, rs: Any, data: Any, model: Any):
         import types
 
+        import mujoco
+
         self._rs = rs
-        self.sim = types.SimpleNamespace(data=_DataView(data), model=rs.sim.model)
+        self.sim = types.SimpleNamespace(data=_DataView(data), model=rs.sim.model,
+                                         forward=lambda: mujoco.mj_forward(model, data))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._rs, name)
@@ -514,7 +517,7 @@ class MujocoEnv(Env):
         self.index = self.sim.add_env()
         # named like the robosuite task class, so code that checks the task by class name (scripted experts) works
         view_cls = type(type(self.sim.rs).__name__, (_RawView,), {})
-        self.env = view_cls(self.sim.rs, self.sim.datas[self.index])
+        self.env = view_cls(self.sim.rs, self.sim.datas[self.index], self.sim.model)
         self.max_episode_steps = int(max_episode_steps or DEFAULT_MAX_EPISODE_STEPS[self.env_name])
         if self.max_episode_steps < 1:
             raise DpftError("max_episode_steps must be >= 1, got {!r}.".format(max_episode_steps))
