@@ -143,6 +143,8 @@ class _RecordingFactory:
         robosuite = env_kind(args) == "robosuite"
         if robosuite:
             args.setdefault("env_kwargs", {})["use_camera_obs"] = False
+            if self.images:  # dataset images through robosuite's renderer (the mujoco backend's frames differ)
+                args["env_kwargs"].setdefault("backend", "robosuite")
         return _RecordingEnv(make_env(args, **self.kwargs), self.images, robosuite, self.extra_keys)
 
 
