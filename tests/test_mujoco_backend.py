@@ -160,3 +160,31 @@ def test_torch_twin_equals_numpy():
     tau_t = osc.osc_torques(*[torch.as_tensor(x) for x in (g_np[0], g_np[1], pos, mat, rest[0], bpos, bmat, rest[1])],
                             *[torch.as_tensor(x) for x in rest[2:]], p, xp=xp)
     np.testing.assert_allclose(tau_np, tau_t.numpy(), atol=1e-8)
+
+
+@pytest.mark.slow
+def test_finetune_records_the_backend_and_builds_its_envs_inline(tmp_path):
+    """backend=robosuite|mujoco on `dpft finetune` is recorded in the run's meta env_args (rollouts of its checkpoints
+    use the same physics); without it the run records the default; the mujoco backend's envs run inline."""
+    from dpft.envs.vector import VectorEnv
+    from tests.synth import write_robomimic_hdf5
+    from tests.test_finetune import _finetuner, _pretrain
+
+    data = tmp_path / "lift_synth.hdf5"
+    write_robomimic_hdf5(data, num_demos=2, lengths=[10, 10], env_args=default_env_args("lift"))
+    run = _pretrain(data, tmp_path / "run", "policy.mlp_dims=[8]", "policy.denoising_steps=4", "horizon_steps=2",
+                    "act_steps=2", "obs_keys=[robot0_eef_pos,object]")
+    for backend in ("robosuite", "mujoco", None):
+        extra = [] if backend is None else ["backend=%s" % backend]
+        ft = _finetuner(tmp_path / ("ft_%s" % backend), "agent=dppo", "checkpoint=%s" % run, "envs=2",
+                        "agent.ft_denoising_steps=2", "max_episode_steps=4", *extra)
+        try:
+            want = backend or split_backend(default_env_args("lift"))[0]
+            assert ft.meta["env_args"]["env_kwargs"]["backend"] == want
+            assert isinstance(ft.env, VectorEnv) and ft.env.mode == ("inline" if want == "mujoco" else "process")
+            obs = ft.env.reset([0, 1])
+            assert obs["robot0_eef_pos"].shape[:2] == (2, 1)
+        finally:
+            ft.env.close()
+    with pytest.raises(DpftError, match="backend='bullet' is not known; expected mujoco or robosuite"):
+        _finetuner(tmp_path / "bad", "agent=dppo", "checkpoint=%s" % run, "backend=bullet")
