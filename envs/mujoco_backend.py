@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -40,8 +41,9 @@ BACKENDS = ("mujoco", "robosuite")
 #: robosuite tasks the fast backend implements
 SUPPORTED_TASKS = ("Lift", "PickPlaceCan", "NutAssemblySquare")
 
-#: backend used when env_kwargs has no "backend" (see README "Simulation backends")
-DEFAULT_BACKEND = "mujoco"
+#: backend used when env_kwargs has no "backend" (see README "Simulation backends"); the environment variable
+#: DPFT_DEFAULT_BACKEND=robosuite changes it for a process (runs record the backend they used either way)
+DEFAULT_BACKEND = os.environ.get("DPFT_DEFAULT_BACKEND", "mujoco")
 
 _HOW_TO = ("Use robosuite instead with env_kwargs.backend=robosuite (for example `dpft finetune ... "
            "env_kwargs.backend=robosuite`, or env_args['env_kwargs']['backend'] = 'robosuite').")
@@ -56,6 +58,9 @@ def split_backend(env_args: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
     if isinstance(kw, dict) and "backend" in kw:
         rest = dict(env_args, env_kwargs={k: v for k, v in kw.items() if k != "backend"})
     if backend is None:
+        if DEFAULT_BACKEND not in BACKENDS:
+            raise DpftError("The environment variable DPFT_DEFAULT_BACKEND is {!r}; set it to one of {} or unset "
+                            "it.".format(DEFAULT_BACKEND, ", ".join(BACKENDS)))
         backend = DEFAULT_BACKEND if env_args.get("env_name") in SUPPORTED_TASKS else "robosuite"
         return backend, rest
     if backend not in BACKENDS:
