@@ -248,6 +248,7 @@ class MujocoSim:
         self.lite = bool(rs.lite_physics)
         self.datas = []  # type: List[Any]
         self._views = []  # type: List[Tuple[Any, ...]]
+        self._free = []  # type: List[int]
         self.q0 = np.zeros((0, len(self.spec.arm_qpos)))
         self.grip = np.zeros((0, 2))
         self._state_spec = mujoco.mjtState.mjSTATE_INTEGRATION
@@ -262,8 +263,15 @@ class MujocoSim:
 
     # -- envs ----------------------------------------------------------------------------------------------------
     def add_env(self) -> int:
+        """A new env (or a released one's slot, reset to the model's initial state); returns its index."""
         import mujoco
 
+        if self._free:
+            i = self._free.pop(0)
+            mujoco.mj_resetData(self.model, self.datas[i])
+            self.q0[i] = 0.0
+            self.grip[i] = 0.0
+            return i
         d = mujoco.MjData(self.model)
         self.datas.append(d)
         # numpy views into the MjData's buffers (fixed for its lifetime): reading them costs no attribute lookups
@@ -271,6 +279,12 @@ class MujocoSim:
         self.q0 = np.concatenate([self.q0, np.zeros((1, self.q0.shape[1]))])
         self.grip = np.concatenate([self.grip, np.zeros((1, 2))])
         return len(self.datas) - 1
+
+    def release(self, i: int) -> None:
+        """Env ``i`` is no longer used (its slot is reused by the next :meth:`add_env`)."""
+        if i not in self._free:
+            self._free.append(i)
+            self._free.sort()
 
     def reset(self, i: int, seed: Optional[int]) -> None:
         """robosuite's reset (seeded as RobosuiteEnv.reset) copied into env ``i``."""
@@ -662,6 +676,9 @@ class MujocoEnv(Env):
         if self._renderer is not None:
             self._renderer.close()
             self._renderer = None
+        if not getattr(self, "_released", False):
+            self._released = True
+            self.sim.release(self.index)
 
 
 def prestep_group(envs: Sequence[MujocoEnv], chunks: Sequence[np.ndarray]) -> None:

@@ -188,3 +188,16 @@ def test_finetune_records_the_backend_and_builds_its_envs_inline(tmp_path):
             ft.env.close()
     with pytest.raises(DpftError, match="backend='bullet' is not known; expected mujoco or robosuite"):
         _finetuner(tmp_path / "bad", "agent=dppo", "checkpoint=%s" % run, "backend=bullet")
+
+
+def test_closed_envs_free_their_slot_in_the_shared_simulator():
+    a = make_env(fast_args("lift"))
+    b = make_env(fast_args("lift"))
+    assert a.sim is b.sim and a.index != b.index
+    n = len(a.sim.datas)
+    a.close()
+    c = make_env(fast_args("lift"))
+    assert c.index == a.index and len(c.sim.datas) == n
+    np.testing.assert_array_equal(c.reset(seed=3)["object"], b.reset(seed=3)["object"])
+    b.close()
+    c.close()
