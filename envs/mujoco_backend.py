@@ -49,6 +49,20 @@ _HOW_TO = ("Use robosuite instead with env_kwargs.backend=robosuite (for example
            "env_kwargs.backend=robosuite`, or env_args['env_kwargs']['backend'] = 'robosuite').")
 
 
+def controller_cache(arm: Any) -> Optional[Dict[str, np.ndarray]]:
+    """The OSC controller's cached inputs when robosuite will use them instead of fresh ones on the next substep.
+
+    robosuite's reset ends with ``update_initial_joints`` -> ``update(force=True)``, computed before the gripper
+    joints and objects get their initial positions, and leaves ``new_update`` False, so the first substep of every
+    episode runs the controller on that cached mass matrix, Jacobian and reference pose (the arm's mass matrix then
+    differs from the current state's by ~1e-4 because the fingers moved). Copying the cache reproduces robosuite's
+    first step exactly. Returns None when the controller will refresh (``new_update`` True)."""
+    if getattr(arm, "new_update", True):
+        return None
+    return {k: np.array(getattr(arm, k), dtype=np.float64) for k in
+            ("joint_pos", "joint_vel", "ref_pos", "ref_ori_mat", "J_full", "mass_matrix")}
+
+
 def split_backend(env_args: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
     """``(backend, env_args without the backend key)``; the backend defaults to :data:`DEFAULT_BACKEND` for the
     supported tasks and to ``"robosuite"`` otherwise."""
@@ -249,6 +263,9 @@ class MujocoSim:
         self.datas = []  # type: List[Any]
         self._views = []  # type: List[Tuple[Any, ...]]
         self._free = []  # type: List[int]
+        #: per env: the arm controller's cached state robosuite uses on the first substep after a reset (see
+        #: :meth:`copy_from_robosuite`), or None
+        self.stale = []  # type: List[Optional[Dict[str, np.ndarray]]]
         self.q0 = np.zeros((0, len(self.spec.arm_qpos)))
         self.grip = np.zeros((0, 2))
         self._state_spec = mujoco.mjtState.mjSTATE_INTEGRATION
@@ -271,11 +288,13 @@ class MujocoSim:
             mujoco.mj_resetData(self.model, self.datas[i])
             self.q0[i] = 0.0
             self.grip[i] = 0.0
+            self.stale[i] = None
             return i
         d = mujoco.MjData(self.model)
         self.datas.append(d)
         # numpy views into the MjData's buffers (fixed for its lifetime): reading them costs no attribute lookups
         self._views.append((d, d.qpos, d.qvel, d.qfrc_bias, d.site_xpos, d.site_xmat, d.qM, d.ctrl))
+        self.stale.append(None)
         self.q0 = np.concatenate([self.q0, np.zeros((1, self.q0.shape[1]))])
         self.grip = np.concatenate([self.grip, np.zeros((1, 2))])
         return len(self.datas) - 1
@@ -302,6 +321,7 @@ class MujocoSim:
         robot = rs.robots[0]
         self.q0[i] = np.asarray(robot.part_controllers["right"].initial_joint, dtype=np.float64)
         self.grip[i] = np.asarray(robot.gripper["right"].current_action, dtype=np.float64)
+        self.stale[i] = controller_cache(robot.part_controllers["right"])
 
     def set_state(self, i: int, state: np.ndarray) -> None:
         import mujoco
@@ -363,6 +383,9 @@ class MujocoSim:
         jac_site, full_mass = mujoco.mj_jacSite, mujoco.mj_fullM
         jacp = [jac[j, 0:3] for j in range(k)]
         jacr = [jac[j, 3:6] for j in range(k)]
+        stale = [(j, self.stale[i]) for j, i in enumerate(idx) if self.stale[i] is not None]
+        for j, i in enumerate(idx):
+            self.stale[i] = None
         for sub in range(self.nsub):
             for j, (d, vq, vv, vb, vsp, vsm, vm, _) in enumerate(views):
                 first(m, d)
@@ -373,6 +396,16 @@ class MujocoSim:
                 sxmat[j] = vsm
                 jac_site(m, d, jacp[j], jacr[j], eef)
                 full_mass(m, full_m[j], vm)
+            if sub == 0:
+                for j, cache in stale:  # robosuite's first substep after a reset reads its controller's cache
+                    qpos[j, sp.arm_qpos] = cache["joint_pos"]
+                    qvel[j] = 0.0
+                    qvel[j, cq] = cache["joint_vel"]
+                    sxpos[j, eef] = cache["ref_pos"]
+                    sxmat[j, eef] = cache["ref_ori_mat"].reshape(9)
+                    jac[j] = 0.0
+                    jac[j][:, cq] = cache["J_full"]
+                    full_m[j][np.ix_(cq, cq)] = cache["mass_matrix"]
             eef_pos = sxpos[:, eef]
             eef_mat = sxmat[:, eef].reshape(k, 3, 3)
             base_pos = sxpos[:, base]
@@ -613,12 +646,14 @@ class MujocoEnv(Env):
         d = self.sim.datas[self.index]
         return np.concatenate([[d.time], d.qpos, d.qvel])
 
-    def set_full_state(self, state: np.ndarray, initial_joint: np.ndarray, gripper_action: np.ndarray) -> ObsDict:
+    def set_full_state(self, state: np.ndarray, initial_joint: np.ndarray, gripper_action: np.ndarray,
+                       cache: Optional[Dict[str, np.ndarray]] = None) -> ObsDict:
         """Set the MuJoCo integration state (``mj_getState(..., mjSTATE_INTEGRATION)``) and controller state
-        (nullspace target joints, gripper command ramp) -- for parity checks against robosuite."""
+        (nullspace target joints, gripper command ramp, :func:`controller_cache`) -- for parity checks."""
         self.sim.set_state(self.index, state)
         self.sim.q0[self.index] = initial_joint
         self.sim.grip[self.index] = gripper_action
+        self.sim.stale[self.index] = cache
         self._has_reset = True
         self._queue = []
         return self.get_observation()
@@ -752,7 +787,8 @@ def one_step_parity(task: str, seeds: Sequence[int], noise: float, steps: int) -
                 robot = rs.env.robots[0]
                 q0 = np.array(robot.part_controllers["right"].initial_joint)
                 grip = np.array(robot.gripper["right"].current_action)
-                fast.set_full_state(buf, q0, grip)
+                cache = controller_cache(robot.part_controllers["right"])
+                fast.set_full_state(buf, q0, grip, cache)
                 o_rs, _, _, _, i_rs = rs.step(a)
                 r_rs = float(rs.env.reward(a))
                 o_f, r_f, _, _, i_f = fast.step(a)
@@ -766,7 +802,7 @@ def one_step_parity(task: str, seeds: Sequence[int], noise: float, steps: int) -
                     ref = np.concatenate([d_f.qpos, d_f.qvel])
                     pert = buf.copy()
                     pert[1] += 1e-12
-                    fast.set_full_state(pert, q0, grip)
+                    fast.set_full_state(pert, q0, grip, cache)
                     fast.step(a)
                     d_f = fast.sim.datas[fast.index]
                     sens = float(np.abs(np.concatenate([d_f.qpos, d_f.qvel]) - ref).max())
