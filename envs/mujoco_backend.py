@@ -342,18 +342,29 @@ class MujocoSim:
     def prestep(self, envs: Sequence[Any], chunks: Sequence[np.ndarray]) -> None:
         prestep_group(envs, chunks)
 
+    #: envs stepped together through all substeps; more are stepped in consecutive groups of this size (their
+    #: MjData stay in the CPU caches across the substeps: measured fastest at 8-16 envs)
+    group_size = 16
+
     def step(self, idx: Sequence[int], actions: np.ndarray) -> Dict[str, np.ndarray]:
         """Advance envs ``idx`` by one env step with ``actions (k, 7)``; returns :meth:`observe` of them plus
         ``"reward" (k,)``, ``"success" (k,)`` and ``"finite" (k,)`` (physics state finite)."""
+        idx = [int(i) for i in idx]
+        a = np.asarray(actions, dtype=np.float64).reshape(len(idx), -1)
+        g = int(self.group_size)
+        if len(idx) <= g:
+            return self._step_group(idx, a)
+        parts = [self._step_group(idx[s:s + g], a[s:s + g]) for s in range(0, len(idx), g)]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def _step_group(self, idx: List[int], a: np.ndarray) -> Dict[str, np.ndarray]:
         import mujoco
 
         m = self.model
         sp = self.spec
         p = self.params
-        idx = [int(i) for i in idx]
         datas = [self.datas[i] for i in idx]
         k = len(datas)
-        a = np.asarray(actions, dtype=np.float64).reshape(k, -1)
         nv = m.nv
         qpos = np.empty((k, m.nq))
         qvel = np.empty((k, nv))
