@@ -200,3 +200,12 @@ def test_closed_envs_free_their_slot_in_the_shared_simulator():
     np.testing.assert_array_equal(c.reset(seed=3)["object"], b.reset(seed=3)["object"])
     b.close()
     c.close()
+
+
+def test_gpu_check_script_parses():
+    import os
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "gpu_check.sh")
+    res = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
