@@ -410,7 +410,9 @@ def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0,
                     "keep_failures=True.".format(task, successes, attempted, successes / max(attempted, 1), noise,
                                                  num, horizon)
                 )
-            split = writer.finish(env_args, float(valid_ratio), seed)
+            # beside env_kwargs (robomimic's robosuite.make knows no such key): the physics that made the file
+            backend = "robosuite" if isinstance(env, RobosuiteEnv) else "mujoco"
+            split = writer.finish(dict(env_args, backend=backend), float(valid_ratio), seed)
     finally:
         if bar is not None:
             bar.close()

@@ -604,7 +604,6 @@ class MujocoEnv(Env):
         self.elapsed_steps = 0
         self._has_reset = False
         self._queue = []  # type: List[Tuple[np.ndarray, Tuple[ObsDict, float, bool, bool, Dict[str, Any]]]]
-        self._renderer = None  # type: Any
 
     # -- observations --------------------------------------------------------------------------------------------
     @staticmethod
@@ -688,27 +687,17 @@ class MujocoEnv(Env):
 
     def render(self, height: Optional[int] = None, width: Optional[int] = None,
                camera: Optional[str] = None) -> np.ndarray:
-        """RGB frame ``(height, width, 3)`` uint8 upright, through ``mujoco.Renderer`` (collision geoms hidden as in
-        robosuite's offscreen renderer)."""
+        """RGB frame ``(height, width, 3)`` uint8, upright: this env's state drawn by robosuite's own offscreen
+        renderer (the in-process robosuite env takes the state first), so frames equal the robosuite backend's."""
         import mujoco
-        from dpft.envs.render import setup_rendering
 
-        h = int(height if height is not None else self.render_size)
-        w = int(width if width is not None else self.render_size)
-        cam = camera if camera is not None else self.render_camera
-        if cam not in self.camera_names():
-            raise DpftError("render(): {} has no camera {!r}; cameras: {}.".format(
-                self.env_name, cam, ", ".join(self.camera_names())))
-        if self._renderer is None or (self._renderer.height, self._renderer.width) != (h, w):
-            setup_rendering(require=True)
-            if self._renderer is not None:
-                self._renderer.close()
-            self._renderer = mujoco.Renderer(self.sim.model, height=h, width=w)
-        opt = mujoco.MjvOption()
-        opt.geomgroup[0] = 0
-        opt.geomgroup[1] = 1
-        self._renderer.update_scene(self.sim.datas[self.index], camera=cam, scene_option=opt)
-        return np.ascontiguousarray(self._renderer.render())
+        rs = self.sim.rs
+        mujoco.mj_setState(rs.sim.model._model, rs.sim.data._data, self.sim.get_state(self.index),
+                           self.sim._state_spec)
+        mujoco.mj_forward(rs.sim.model._model, rs.sim.data._data)
+        return self.sim.oracle.render(height if height is not None else self.render_size,
+                                      width if width is not None else self.render_size,
+                                      camera if camera is not None else self.render_camera)
 
     @property
     def prestep_group(self) -> Any:
@@ -719,9 +708,6 @@ class MujocoEnv(Env):
         self._queue = []
 
     def close(self) -> None:
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
         if not getattr(self, "_released", False):
             self._released = True
             self.sim.release(self.index)
