@@ -209,3 +209,21 @@ def test_gpu_check_script_parses():
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "gpu_check.sh")
     res = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_frames_equal_robosuite_frames_of_the_same_state():
+    rs = RobosuiteEnv(default_env_args("lift"))
+    fast = make_env(fast_args("lift"))
+    try:
+        rs.reset(seed=4)
+        fast.reset(seed=4)
+        a = np.array([0.3, -0.2, 0.1, 0.0, 0.0, 0.1, 1.0])
+        for _ in range(3):
+            rs.step(a)
+            fast.step(a)
+        np.testing.assert_array_equal(fast.render(32, 32, "agentview"), rs.render(32, 32, "agentview"))
+        with pytest.raises(DpftError, match="no camera 'nope'"):
+            fast.render(8, 8, "nope")
+    finally:
+        fast.close()
+        rs.close()
