@@ -333,9 +333,9 @@ class Finetuner:
                                            max_episode_steps=c.max_episode_steps or None,
                                            terminate_on_success=bool(c.terminate_on_success), return_torch=True)
         if kind == "robosuite":  # record the physics backend in the run's meta, so rollouts use what training used
-            from dpft.envs.mujoco_backend import split_backend
+            from dpft.envs.mujoco_backend import resolve_backend
 
-            backend = c.backend or split_backend(env_args)[0]
+            backend = c.backend or resolve_backend(env_args, meta.get("obs_keys"))[0]
             env_args = dict(env_args, env_kwargs=dict(env_args.get("env_kwargs") or {}, backend=backend))
             meta["env_args"] = env_args
         elif c.backend is not None:

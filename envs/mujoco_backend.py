@@ -148,8 +148,6 @@ def check_supported(rs: Any) -> None:
             type(robot.gripper["right"]).__name__, type(grip).__name__))
     if rs.reward_shaping:
         raise _unsupported("reward_shaping=True (shaped rewards)")
-    if rs.use_camera_obs:
-        raise _unsupported("camera observations")
     if getattr(rs, "single_object_mode", 2) != 2:
         raise _unsupported("single_object_mode={} (robosuite's PickPlaceCan/NutAssemblySquare use 2)".format(
             rs.single_object_mode))
@@ -251,7 +249,9 @@ class MujocoSim:
         import mujoco
         from dpft.envs.robosuite_env import RobosuiteEnv
 
-        self.oracle = RobosuiteEnv(env_args)
+        # the robosuite env only builds the model, resets and draws frames: no camera observables
+        kw = dict(env_args.get("env_kwargs") or {}, use_camera_obs=False, has_offscreen_renderer=False)
+        self.oracle = RobosuiteEnv(dict(env_args, env_kwargs=kw))
         rs = self.oracle.env
         check_supported(rs)
         self.rs = rs

@@ -531,9 +531,12 @@ def env_mode_for(env_args: Dict[str, Any]) -> str:
 
     kind = env_kind(env_args)
     if kind == "robosuite":  # the mujoco backend steps all envs of the process as one batch
-        from dpft.envs.mujoco_backend import split_backend
+        from dpft.envs.mujoco_backend import resolve_backend
 
-        return "inline" if split_backend(env_args)[0] == "mujoco" else "process"
+        kw = env_args.get("env_kwargs") or {}
+        if "backend" not in kw and kw.get("use_camera_obs"):
+            return "process"  # pixel checkpoints fall back to robosuite (one process per env)
+        return "inline" if resolve_backend(env_args)[0] == "mujoco" else "process"
     return "inline" if kind == "gym" else "process"
 
 

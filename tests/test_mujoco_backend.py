@@ -227,3 +227,17 @@ def test_frames_equal_robosuite_frames_of_the_same_state():
     finally:
         fast.close()
         rs.close()
+
+
+def test_pixel_env_args_and_keys_use_robosuite_unless_asked():
+    from dpft.envs.rollout import env_mode_for
+
+    args = default_env_args("lift", image_obs=True)
+    assert env_mode_for(args) == "process"  # pixel checkpoints keep robosuite's worker processes
+    img = make_env(args, obs_keys=["agentview_image", "robot0_eef_pos"])
+    assert isinstance(img, RobosuiteEnv)  # the default backend falls back: images are robosuite's
+    img.close()
+    args["env_kwargs"]["backend"] = "mujoco"  # low-dim keys of an image dataset on the fast backend
+    low = make_env(args, obs_keys=["robot0_eef_pos"])
+    assert isinstance(low, MujocoEnv) and env_mode_for(args) == "inline"
+    low.close()
