@@ -241,3 +241,15 @@ def test_pixel_env_args_and_keys_use_robosuite_unless_asked():
     low = make_env(args, obs_keys=["robot0_eef_pos"])
     assert isinstance(low, MujocoEnv) and env_mode_for(args) == "inline"
     low.close()
+
+
+def test_default_backend_can_be_changed_and_is_checked(monkeypatch):
+    import dpft.envs.mujoco_backend as mb
+
+    monkeypatch.setattr(mb, "DEFAULT_BACKEND", "robosuite")
+    assert split_backend(default_env_args("lift"))[0] == "robosuite"
+    monkeypatch.setattr(mb, "DEFAULT_BACKEND", "mujoco")
+    assert split_backend(default_env_args("transport"))[0] == "robosuite"  # not implemented: robosuite
+    monkeypatch.setattr(mb, "DEFAULT_BACKEND", "physx")
+    with pytest.raises(DpftError, match="DPFT_DEFAULT_BACKEND is 'physx'; set it to one of mujoco, robosuite"):
+        split_backend(default_env_args("lift"))
