@@ -367,9 +367,14 @@ _NUMBA_KERNEL = None
 
 
 def _build_numba_kernel() -> Any:
+    import os
+
     import numba
 
-    @numba.njit(cache=True)
+    # numba caches the compiled kernel next to this file (or in NUMBA_CACHE_DIR); a read-only install compiles anew
+    cache = bool(os.environ.get("NUMBA_CACHE_DIR")) or os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK)
+
+    @numba.njit(cache=cache)
     def kernel(want_pos, want_ori, eef_pos, eef_mat, jac_full, qvel, mass_full, bias, qpos, q0, cq, qp,
                kp, kd, uncouple, null_kp, low, high, out):  # pragma: no cover - compiled
         k = eef_pos.shape[0]
