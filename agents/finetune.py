@@ -447,6 +447,14 @@ class Finetuner:
         if c.furniture.max_env_steps is not None or c.furniture.truncate_at_chunk_end:
             raise DpftError("furniture.max_env_steps / furniture.truncate_at_chunk_end apply to FurnitureBench "
                             "checkpoints only; this one's env is %s." % kind)
+        if kind == "robosuite":  # record the physics backend in the run's meta, so rollouts use what training used
+            from dpft.envs.mujoco_backend import resolve_backend
+
+            backend = c.backend or resolve_backend(env_args, meta.get("obs_keys"))[0]
+            env_args = dict(env_args, env_kwargs=dict(env_args.get("env_kwargs") or {}, backend=backend))
+            meta["env_args"] = env_args
+        elif c.backend is not None:
+            raise DpftError("backend=%s applies to robosuite tasks only; this checkpoint's env is %s." % (c.backend, kind))
         options = {"terminate_on_success": bool(c.terminate_on_success)}
         if c.max_episode_steps:
             options["max_episode_steps"] = int(c.max_episode_steps)

@@ -383,7 +383,12 @@ def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0,
     # the episodes run without camera observables (robosuite would render every step, before the kinematics are
     # refreshed); images are rendered from the refreshed state by observe()
     try:
-        env = RobosuiteEnv(default_env_args(task), max_episode_steps=max_steps)
+        if image_obs:  # images through robosuite's renderer, as robomimic's image datasets
+            env = RobosuiteEnv(default_env_args(task), max_episode_steps=max_steps)
+        else:  # the default physics backend of the task (dpft.envs.mujoco_backend: the fast one where it holds)
+            from dpft.envs.registry import make_env
+
+            env = make_env(default_env_args(task), max_episode_steps=max_steps)
     except BaseException:
         writer.close()
         raise
@@ -431,7 +436,9 @@ def make_demos(task: str, num: int, out: str, seed: int = 0, noise: float = 0.0,
                     "keep_failures=True.".format(task, successes, attempted, successes / max(attempted, 1), noise,
                                                  num, horizon)
                 )
-            split = writer.finish(env_args, float(valid_ratio), seed)
+            # beside env_kwargs (robomimic's robosuite.make knows no such key): the physics that made the file
+            backend = "robosuite" if isinstance(env, RobosuiteEnv) else "mujoco"
+            split = writer.finish(dict(env_args, backend=backend), float(valid_ratio), seed)
     finally:
         if bar is not None:
             bar.close()

@@ -143,6 +143,8 @@ class _RecordingFactory:
         robosuite = env_kind(args) == "robosuite"
         if robosuite:
             args.setdefault("env_kwargs", {})["use_camera_obs"] = False
+            if self.images:  # dataset images through robosuite's renderer (the mujoco backend's frames differ)
+                args["env_kwargs"].setdefault("backend", "robosuite")
         return _RecordingEnv(make_env(args, **self.kwargs), self.images, robosuite, self.extra_keys)
 
 
@@ -264,6 +266,9 @@ def _file_env_args(env_args: Dict[str, Any], max_episode_steps: int,
     """env_args stored in the file: the checkpoint's, the episode limit, and the cameras of stored images."""
     out = copy.deepcopy(env_args)
     out["max_episode_steps"] = int(max_episode_steps)
+    kw = out.get("env_kwargs")
+    if isinstance(kw, dict) and "backend" in kw:  # robosuite.make (robomimic) knows no such kwarg: keep it beside
+        out["backend"] = kw.pop("backend")
     if images:
         kw = out.setdefault("env_kwargs", {})
         kw["camera_names"] = [k[: -len("_image")] for k, _, _ in images]
@@ -411,6 +416,14 @@ def record_demos(
         run_args = {k: v for k, v in env_args.items() if k != "max_episode_steps"}
         policy_keys = [str(k) for k in (_meta(policy, "obs_keys") or [])]
         images = _image_specs(env_args, policy, bool(image_obs), camera_names, int(camera_size))
+        if kind == "robosuite":  # the physics backend the episodes run on (images: robosuite's renderer), as recorded
+            from dpft.envs.mujoco_backend import resolve_backend
+
+            kw = dict(run_args.get("env_kwargs") or {})
+            if images:
+                kw.setdefault("backend", "robosuite")
+            kw["backend"] = resolve_backend(dict(run_args, env_kwargs=kw), policy_keys)[0]
+            run_args = dict(run_args, env_kwargs=kw)
         noisy = _NoisyActions(policy, float(noise))
         cond_steps = int(_meta(policy, "cond_steps", 1))
         act_steps = int(_meta(policy, "act_steps", 1))

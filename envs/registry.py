@@ -125,9 +125,16 @@ def make_env(env_args: Dict[str, Any], obs_keys: Optional[List[str]] = None, **k
     if env_type in ENV_TYPES and env_args["type"] != env_type:
         env_args = dict(env_args, type=env_type)  # "1" -> 1
     if env_type == 1:
+        from dpft.envs.mujoco_backend import resolve_backend
+
+        backend, rs_args = resolve_backend(env_args, obs_keys)
+        if backend == "mujoco":
+            from dpft.envs.mujoco_backend import MujocoEnv
+
+            return MujocoEnv(rs_args, obs_keys=obs_keys, **kwargs)
         from dpft.envs.robosuite_env import RobosuiteEnv
 
-        return RobosuiteEnv(env_args, obs_keys=obs_keys, **kwargs)
+        return RobosuiteEnv(rs_args, obs_keys=obs_keys, **kwargs)
     if env_type == 2:
         from dpft.envs.gym_env import GymEnv
 

@@ -350,6 +350,7 @@ def convert_legacy_env_args(env_args: Dict[str, Any]) -> Dict[str, Any]:
     if isinstance(conf, str) and conf in _LEGACY_ENV_CONFIGURATIONS:
         kw["env_configuration"] = _LEGACY_ENV_CONFIGURATIONS[conf]
     kw.pop("render_gpu_device_id", None)
+    kw.pop("backend", None)  # dpft's choice of physics backend (dpft.envs.mujoco_backend), not a robosuite kwarg
     if "renderer" in kw and kw["renderer"] not in ("mujoco", "mjviewer"):
         kw["renderer"] = "mujoco"
         kw.pop("renderer_config", None)

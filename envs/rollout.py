@@ -561,7 +561,15 @@ def env_mode_for(env_args: Dict[str, Any]) -> str:
     (robosuite: ~10 ms per step, worth one process per env)."""
     from dpft.envs.registry import env_kind
 
-    return "inline" if env_kind(env_args) == "gym" else "process"
+    kind = env_kind(env_args)
+    if kind == "robosuite":  # the mujoco backend steps all envs of the process as one batch
+        from dpft.envs.mujoco_backend import resolve_backend
+
+        kw = env_args.get("env_kwargs") or {}
+        if "backend" not in kw and kw.get("use_camera_obs"):
+            return "process"  # pixel checkpoints fall back to robosuite (one process per env)
+        return "inline" if resolve_backend(env_args)[0] == "mujoco" else "process"
+    return "inline" if kind == "gym" else "process"
 
 
 _MODEL_FIELDS = ("denoising_steps", "use_ddim", "ddim_steps", "ft_denoising_steps", "min_sampling_denoising_std")

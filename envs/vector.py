@@ -539,6 +539,8 @@ class VectorEnv(BatchedEnv):
     def _send_many(self, cmds: Dict[int, Tuple[str, Any]]) -> Dict[int, Tuple[str, Any]]:
         """Send one command per env and gather the replies (all workers work in parallel)."""
         broken: Dict[int, Tuple[str, Any]] = {}
+        if self.mode == "inline":
+            self._prestep_batched(cmds)
         for i, (cmd, payload) in cmds.items():
             err = self._handles[i].send(cmd, payload)
             if err is not None:
@@ -548,6 +550,22 @@ class VectorEnv(BatchedEnv):
         replies = self._gather([i for i in cmds if i not in broken], what)
         replies.update(broken)
         return replies
+
+    def _prestep_batched(self, cmds: Dict[int, Tuple[str, Any]]) -> None:
+        """Inline envs that share a batched simulator (``env.prestep_group``, the mujoco backend) step their action
+        chunks together first; each env's own steps then replay the results (recording envs step on their own)."""
+        groups: Dict[int, List[int]] = {}
+        for i, (cmd, payload) in cmds.items():
+            runner = self._handles[i].runner
+            if cmd == "step" and not runner.recording and getattr(runner.env, "prestep_group", None) is not None:
+                groups.setdefault(id(getattr(runner.env.prestep_group, "__self__", runner.env)), []).append(i)
+        for members in groups.values():
+            envs = [self._handles[i].runner.env for i in members]
+            try:
+                envs[0].prestep_group(envs, [cmds[i][1]["actions"] for i in members])
+            except Exception:  # each env then steps (and reports the failure) on its own
+                for env in envs:
+                    env.clear_prestep()
 
     def _unwrap(self, i: int, reply: Tuple[str, Any], what: str) -> Any:
         status, value = reply

@@ -91,6 +91,7 @@ def test_file_layout_matches_robomimic(lift_file, rs):
         assert sorted(data.keys()) == ["demo_0", "demo_1"]
         env_args = json.loads(data.attrs["env_args"])
         assert env_args["env_name"] == "Lift" and env_args["type"] == 1
+        assert env_args.pop("backend") in ("mujoco", "robosuite")  # the physics that made the file
         assert env_args == json.loads(json.dumps(rs.default_env_args("lift")))
         lengths = []
         for i, name in enumerate(["demo_0", "demo_1"]):

@@ -315,6 +315,8 @@ def test_robosuite_lift_states_replay(rs, tmp_path):
     assert img.dtype == np.uint8 and img.shape == (5, 16, 16, 3)
     kw = env_args["env_kwargs"]
     assert kw["use_camera_obs"] and kw["camera_names"] == ["agentview"] and kw["camera_heights"] == [16]
+    # the backend that produced the file is recorded beside env_kwargs (robomimic's robosuite.make knows no such key)
+    assert "backend" not in kw and env_args["backend"] in ("mujoco", "robosuite")
     keys = sorted(k for k in d["obs"] if not k.endswith("_image"))
     env = rs.RobosuiteEnv(rs.default_env_args("lift"), obs_keys=keys)
     try:

@@ -42,9 +42,16 @@ def legacy_env_args(env_name="Lift", robots=("Panda",), **extra):
     return {"env_name": env_name, "env_version": "1.4.1", "type": 1, "env_kwargs": kwargs}
 
 
+def robosuite_args(task):
+    """env_args for ``task`` on robosuite itself (this file tests the robosuite adapter, not the default backend)."""
+    args = env_args_for_task(task)
+    args["env_kwargs"]["backend"] = "robosuite"
+    return args
+
+
 @pytest.fixture(scope="module")
 def lift():
-    env = make_env(env_args_for_task("lift"), max_episode_steps=4, terminate_on_success=True)
+    env = make_env(robosuite_args("lift"), max_episode_steps=4, terminate_on_success=True)
     yield env
     env.close()
 
@@ -251,7 +258,7 @@ def test_image_obs_upright_and_render():
 
 
 def test_legacy_lift_env_steps_like_new_style(lift):
-    env = make_env(legacy_env_args())  # converted automatically
+    env = make_env(legacy_env_args(backend="robosuite"))  # converted automatically
     try:
         assert isinstance(env, RobosuiteEnv)
         assert env.env.lite_physics is False
@@ -353,8 +360,8 @@ def test_step_errors_and_factory(lift):
 def test_stepped_obs_equal_obs_of_the_stored_state():
     """Evaluation sees what a dataset holds: the observation after a step equals the observation recomputed
     from that step's stored MuJoCo state (what `dpft demos` and robomimic datasets contain)."""
-    env = make_env(env_args_for_task("lift"), max_episode_steps=50)
-    other = make_env(env_args_for_task("lift"), max_episode_steps=50)
+    env = make_env(robosuite_args("lift"), max_episode_steps=50)
+    other = make_env(robosuite_args("lift"), max_episode_steps=50)
     try:
         env.reset(seed=5)
         other.reset(seed=5)

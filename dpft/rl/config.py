@@ -211,6 +211,8 @@ class FinetuneConfig:
                                      "the run's env_args)")
     simulator: Optional[str] = _f(None, "FurnitureBench: isaacgym | fake (the CPU fake) instead of the checkpoint's "
                                   "env_args.env_kwargs.simulator (None = as recorded; the run records its choice)")
+    backend: Optional[str] = _f(None, "robosuite tasks: mujoco (the fast batched backend) | robosuite (None = as "
+                                "recorded in env_args.env_kwargs.backend, else the default; the run records its choice)")
     reset_at_iteration: bool = _f(True, "reset every env at the start of each iteration (exact resume; the cut is bootstrapped)")
     seed: int = _f(0, "random seed (initialization, sampling, env seeds)", range="[0,2147483647]")
     device: str = _f("cpu", "cpu | cuda | auto")
@@ -295,6 +297,9 @@ class FinetuneConfig:
         if self.simulator is not None and self.simulator not in ("isaacgym", "fake"):
             raise DpftError("simulator=%r is not known; expected isaacgym or fake (FurnitureBench only)."
                             % (self.simulator,))
+        if self.backend is not None and self.backend not in ("mujoco", "robosuite"):
+            raise DpftError("backend=%r is not known; expected mujoco or robosuite (robosuite tasks only)."
+                            % (self.backend,))
         if self.weights not in ("ema", "model"):
             raise DpftError("weights=%r is not known; expected ema or model." % (self.weights,))
         from dpft.agents.inril import validate_inril_config
