@@ -207,7 +207,7 @@ def run_all(work: str, runs: Optional[Sequence[str]] = None,
     threads = torch.get_num_threads()
     out = {}
     try:
-        need_pre = "pretrain" in runs or any(r in FINETUNE_RUNS for r in runs)
+        need_pre = "pretrain" in runs or any("checkpoint={ckpt}" in FINETUNE_RUNS.get(r, []) for r in runs)
         for name in [r for r in RUNS if r in runs or (r == "pretrain" and need_pre)]:
             t0 = time.time()
             if name == "pretrain":
