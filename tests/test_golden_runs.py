@@ -26,16 +26,7 @@ GOLDEN = gr.load_golden()
 
 @pytest.fixture(scope="module")
 def current(tmp_path_factory):
-    import torch
-
-    from dpft.sysinfo import compute_environment
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        env = compute_environment()
-    finally:
-        torch.set_num_threads(n)
+    env = gr.compute_record()
     diffs = gr.environment_differences(GOLDEN["compute"], env)
     if diffs:
         pytest.skip("golden runs were recorded on another compute environment (%s): bit-identity only holds there"
@@ -103,3 +94,10 @@ def test_record_refuses_to_overwrite_and_check_reports(tmp_path, monkeypatch, ca
     assert gr.main(["--check", "--golden", str(path), "--runs", "ppo_scratch"]) == 1
     assert "ppo_scratch   DIFFERS: metrics key 'step': recorded 3, now 2" in capsys.readouterr().out
     assert os.path.isfile(str(path)) and not os.path.exists(str(path) + ".tmp")
+
+
+def test_environment_differences_name_the_key():
+    rec = dict(GOLDEN["compute"])
+    assert gr.environment_differences(rec, dict(rec, torch_num_threads=4, omp_num_threads_env="8")) == []
+    assert gr.environment_differences(rec, dict(rec, cpu_capability="AVX2", mujoco_version="9.9")) == [
+        ("cpu_capability", rec["cpu_capability"], "AVX2"), ("mujoco_version", rec["mujoco_version"], "9.9")]

@@ -38,7 +38,8 @@ from dpft.errors import DpftError  # noqa: E402
 
 GOLDEN = os.path.join(REPO, "tests", "golden", "golden_runs.json")
 #: compute-environment keys that must match for bit-identical results (see dpft.sysinfo.RESULT_KEYS)
-ENV_KEYS = ("torch_version", "torch_git", "cpu_capability", "blas", "onednn", "numpy_version")
+ENV_KEYS = ("torch_version", "torch_git", "cpu_capability", "blas", "onednn", "numpy_version", "mujoco_version",
+            "gymnasium_version")
 
 
 def is_timing_key(key: str) -> bool:
@@ -226,23 +227,36 @@ def run_all(work: str, runs: Optional[Sequence[str]] = None,
 
 def record(runs: Optional[Sequence[str]] = None, work: Optional[str] = None,
            log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
-    """The golden record: ``{"compute": compute environment, "runs": run_all(...)}`` (in a temporary folder unless
-    ``work`` is given). The compute record is taken with torch at 1 thread, as the runs use."""
-    import torch
-
-    from dpft.sysinfo import compute_environment
-
+    """The golden record: ``{"compute": compute_record(), "runs": run_all(...)}`` (in a temporary folder unless
+    ``work`` is given)."""
     if work is None:
         with tempfile.TemporaryDirectory(prefix="dpft_golden_") as tmp:
             return record(runs, tmp, log)
     res = run_all(work, runs, log)
+    return {"compute": compute_record(), "runs": res}
+
+
+def compute_record() -> Dict[str, Any]:
+    """:func:`dpft.sysinfo.compute_environment` with torch at 1 thread (as the runs use), plus the mujoco and
+    gymnasium versions (Hopper's physics)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from dpft.sysinfo import compute_environment
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         comp = compute_environment()
     finally:
         torch.set_num_threads(n)
-    return {"compute": comp, "runs": res}
+    for pkg in ("mujoco", "gymnasium"):
+        try:
+            comp[pkg + "_version"] = version(pkg)
+        except PackageNotFoundError:
+            comp[pkg + "_version"] = None
+    return comp
 
 
 def load_golden(path: str = GOLDEN) -> Dict[str, Any]:
