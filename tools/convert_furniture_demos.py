@@ -391,13 +391,13 @@ def convert_furniture_demos(
     lock = lock_output_file(out, overwrite, option="--out", command="convert_furniture_demos")  # one writer at a time
     try:
         return _convert_locked(files, out, task, randomness, include_images, valid_ratio, seed, only_success, action_format,
-                               clip_delta_pos, clip_delta_rot)
+                               clip_delta_pos, clip_delta_rot, append_obstacle)
     finally:
         lock.close()
 
 
 def _convert_locked(files, out, task, randomness, include_images, valid_ratio, seed, only_success, action_format,
-                    clip_delta_pos, clip_delta_rot):
+                    clip_delta_pos, clip_delta_rot, append_obstacle):
     tmp = out.with_name(out.name + ".tmp-%d" % os.getpid())
     names: List[str] = []
     skipped: List[Tuple[str, str]] = []
