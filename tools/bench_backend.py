@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python tools/bench_backend.py parity --tasks lift can square --seeds 3 --steps 80
     .venv/bin/python tools/bench_backend.py speed --tasks lift can square --n 1 8 32 128 --seconds 4 --rounds 2
+    .venv/bin/python tools/bench_backend.py scaling --tasks lift can --n 32 --seconds 4 --rounds 3
 
 ``parity``: one-step parity along scripted-expert trajectories at noise 0, 0.3, 0.6 (max |fast - robosuite| per key,
 ill-conditioned steps counted apart, reward/success mismatches), resets for seeds 0-99 (max difference), and the
@@ -11,6 +12,9 @@ scripted expert's success over seeds on each backend.
 ``speed``: env steps/s on one core, in alternating windows in one process: robosuite (RobosuiteEnv.step), the mujoco
 backend at each N (MujocoSim.step on N envs with random actions), and raw physics (mj_step, ``nsub`` substeps per env
 step, no controller) of the same model.
+``scaling``: what a second core adds: two persistent worker processes each hold N envs of the mujoco backend; in
+alternating windows one worker steps alone, then both step at once; scaling = (sum of both rates) / (2 x the lone
+rate). It measures the ceiling of a two-process design (memory bandwidth, shared caches), not a built feature.
 """
 from __future__ import annotations
 
@@ -132,9 +136,76 @@ def speed(args) -> None:
         rs.close()
 
 
+def _scaling_worker(conn, task: str, n: int) -> None:
+    """Hold n envs of ``task`` on the mujoco backend; on ("run", seconds, t_start) step them from t_start for
+    ``seconds`` with random actions and send back env steps/s."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from dpft.envs.mujoco_backend import MujocoSim
+    from dpft.envs.robosuite_env import convert_legacy_env_args, default_env_args
+
+    sim = MujocoSim(convert_legacy_env_args(default_env_args(task)))
+    idx = [sim.add_env() for _ in range(n)]
+    for i in idx:
+        sim.reset(i, 0)
+    start = [sim.get_state(i) for i in idx]
+    q0, grip = sim.q0.copy(), sim.grip.copy()
+    rng = np.random.default_rng(0)
+    sim.step(idx, rng.uniform(-0.3, 0.3, (n, 7)))  # compile and warm up before the first window
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        _, seconds, t_start = msg
+        for i, st in zip(idx, start):
+            sim.set_state(i, st)
+        sim.q0[:], sim.grip[:] = q0, grip
+        while time.time() < t_start:
+            time.sleep(0.001)
+        steps = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            sim.step(idx, rng.uniform(-0.3, 0.3, (n, 7)))
+            steps += n
+        conn.send(steps / (time.perf_counter() - t0))
+
+
+def scaling(args) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    for task in args.tasks:
+        for n in args.n:
+            pipes, procs = [], []
+            for _ in range(2):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_scaling_worker, args=(child, task, n), daemon=True)
+                proc.start()
+                pipes.append(parent)
+                procs.append(proc)
+            for p in pipes:
+                assert p.recv() == "ready"
+            lone, both = [], []
+            for _ in range(args.rounds):
+                t_start = time.time() + 0.2
+                pipes[0].send(("run", args.seconds, t_start))
+                lone.append(pipes[0].recv())
+                t_start = time.time() + 0.2
+                for p in pipes:
+                    p.send(("run", args.seconds, t_start))
+                both.append(sum(p.recv() for p in pipes))
+            for p, proc in zip(pipes, procs):
+                p.send(None)
+                proc.join(10)
+            ratio = np.mean(both) / (2 * np.mean(lone))
+            print("%-6s N=%-4d one process %6.0f env steps/s (windows: %s); two processes %6.0f (windows: %s); "
+                  "scaling %.2f" % (task, n, np.mean(lone), " ".join("%.0f" % x for x in lone), np.mean(both),
+                                    " ".join("%.0f" % x for x in both), ratio), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["parity", "speed"])
+    ap.add_argument("what", choices=["parity", "speed", "scaling"])
     ap.add_argument("--tasks", nargs="+", default=["lift", "can", "square"])
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=80)
@@ -145,7 +216,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    (parity if args.what == "parity" else speed)(args)
+    {"parity": parity, "speed": speed, "scaling": scaling}[args.what](args)
 
 
 if __name__ == "__main__":
